@@ -1,0 +1,242 @@
+"""Training configuration: dataclass defaults, then a YAML file, then CLI flags.
+
+Every field of `TrainConfig` is a YAML key and a CLI flag (`max_steps` <-> `--max-steps`).
+Unknown YAML keys fail with the list of valid ones; the CLI overrides the YAML; the resolved
+config is written to OUTPUT/config.yaml so a run can be repeated with `--config`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from diffalign.errors import DiffalignError
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train ---
+    method: str = "dpo"
+    """Objective, by CLI name: dpo, mapo, flow-dpo, sft, rankdpo, dcpo."""
+    model: str | None = None
+    """diffusers pipeline: hub id or local folder. None with no dataset runs the toy quickstart."""
+    dataset: str | None = None
+    """Preference data: hub id, parquet file/folder, `datasets` folder or .jsonl (docs/datasets.md)."""
+    output_dir: str = "outputs/run"
+    """Where weights, checkpoints, metrics.jsonl, plots and config.yaml go."""
+    beta: float | None = None
+    """The objective's beta (None: its per-family default, see docs/objectives.md)."""
+    objective: dict = field(default_factory=dict)
+    """Extra objective options, e.g. {loss_type: hinge} for dpo or {snr_value: 0.5} for mapo."""
+
+    # --- model ---
+    lora_rank: int = 8
+    """LoRA rank (ignored with full_finetune)."""
+    lora_alpha: float | None = None
+    """LoRA alpha (None: equal to the rank, as diffusers' DPO scripts)."""
+    lora_targets: list | None = None
+    """Module names LoRA wraps (None: the family default)."""
+    full_finetune: bool = False
+    """Train every weight of the denoiser; the reference becomes a frozen copy."""
+    offload_reference: bool = False
+    """Keep the frozen reference copy on the CPU between uses (full fine-tuning only)."""
+    mixed_precision: str = "no"
+    """no | fp16 | bf16 (accelerate autocast; trainable weights stay fp32)."""
+    attention: str = "auto"
+    """auto | xformers | sdpa. auto takes xformers on CUDA when it imports, else SDPA."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+
+    # --- data ---
+    resolution: int = 512
+    """Images are resized (shortest side) and cropped to this square size."""
+    random_flip: bool = False
+    """Horizontal flip, the same for every image of a group."""
+    center_crop: bool = True
+    """Centre crop (else a random crop, the same for every image of a group)."""
+    caption_dropout: float = 0.0
+    """Probability of training a group on the empty prompt (the original DPO script uses 0.2)."""
+    max_samples: int | None = None
+    """Use only the first N groups of the dataset."""
+    streaming: bool = False
+    """Stream the dataset instead of downloading/loading it whole (for Pick-a-Pic v2 scale)."""
+    strict: bool = False
+    """Fail on a corrupt or missing image instead of skipping it with a warning."""
+    cache_latents: bool = False
+    """Train from a latent + text-embedding cache (built on first use); no VAE/text encoder in the loop."""
+    cache_dir: str | None = None
+    """Where the cache lives (None: OUTPUT/../.diffalign-cache keyed by model, resolution and data)."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+    # --- optimisation ---
+    max_steps: int = 1000
+    """Optimiser steps."""
+    batch_size: int = 1
+    """Groups (pairs) per process per micro-step."""
+    grad_accum: int = 1
+    """Micro-steps per optimiser step."""
+    lr: float = 1e-5
+    """Learning rate (per optimiser step; see scale_lr)."""
+    scale_lr: bool = False
+    """Multiply lr by batch_size * grad_accum * processes, as the original Diffusion-DPO script."""
+    optimizer: str = "adamw"
+    """adamw | adamw8bit (needs the bnb extra) | adafactor."""
+    weight_decay: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    lr_scheduler: str = "constant_with_warmup"
+    """Any diffusers.optimization scheduler name: constant, constant_with_warmup, cosine, linear, ..."""
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    """Gradient clipping (0 disables)."""
+    ema: bool = False
+    """Keep an exponential moving average of the trainable weights and save it as the result."""
+    ema_decay: float = 0.999
+    timestep_sampling: str = "auto"
+    """auto (uniform for DDPM models, logit-normal for flow models) | uniform | logit_normal."""
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    seed: int = 0
+
+    # --- bookkeeping ---
+    resume: str | None = None
+    """latest | a checkpoint folder. Continues exactly: data order, RNG, optimiser, scheduler."""
+    checkpoint_every: int = 500
+    """Write a checkpoint every N optimiser steps (0: only at the end and on SIGTERM/SIGINT)."""
+    keep_checkpoints: int = 2
+    """Keep the last N checkpoints."""
+    log_every: int = 1
+    report_to: str = "none"
+    """none | tensorboard | wandb (metrics.jsonl is always written)."""
+    validation_every: int = 0
+    """Every N steps, sample validation_prompts with fixed seeds and save a PNG grid (0: off)."""
+    validation_prompts: list = field(default_factory=list)
+    validation_steps: int = 20
+    """Sampler steps for validation images."""
+    guidance_scale: float = 5.0
+    """Classifier-free guidance for validation and evaluation images."""
+
+    # --- evaluation at the end (the quickstart uses it) ---
+    eval_prompts: str | None = None
+    """Prompt file (one a line) or 'toy' to evaluate against the base model after training."""
+    eval_rewards: list = field(default_factory=list)
+    eval_num_images: int = 1
+    """Images per prompt in the final evaluation."""
+
+
+def config_fields() -> list[dataclasses.Field]:
+    return list(dataclasses.fields(TrainConfig))
+
+
+def _field_doc(name: str) -> str:
+    """The docstring under a field in the class source (used as the CLI help)."""
+    import inspect
+
+    lines = inspect.getsource(TrainConfig).splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().startswith(f"{name}:") and i + 1 < len(lines) and lines[i + 1].strip().startswith('"""'):
+            return lines[i + 1].strip().strip('"')
+    return ""
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One CLI flag per config field; defaults are None so we know what the user set."""
+    parser.add_argument("--config", help="YAML file with config keys (CLI flags override it)")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in config_fields():
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        help_text = _field_doc(f.name)
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif f.name == "objective":
+            parser.add_argument(flag, action="append", default=None, metavar="KEY=VALUE", help=help_text)
+        elif kind in (list, list | None):
+            parser.add_argument(flag, nargs="+", default=None, help=help_text)
+        else:
+            base = _scalar_type(kind)
+            parser.add_argument(flag, type=base, default=None, help=help_text)
+
+
+def _scalar_type(kind: Any) -> type:
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    base = args[0] if args else kind
+    return base if base in (int, float, str) else str
+
+
+def _parse_objective_items(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise DiffalignError(f"--objective expects KEY=VALUE, got {item!r}: e.g. --objective loss_type=hinge")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise DiffalignError(f"config file {str(path)!r} not found: pass an existing YAML file to --config")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise DiffalignError(f"config file {str(path)!r} must hold a mapping of config keys")
+    return data
+
+
+def merge(base: TrainConfig, updates: dict, source: str) -> TrainConfig:
+    """Strictly merge `updates` into `base`: unknown keys fail, types are checked."""
+    valid = {f.name for f in config_fields()}
+    unknown = sorted(set(updates) - valid)
+    if unknown:
+        raise DiffalignError(
+            f"unknown config key(s) {', '.join(unknown)} in {source}: valid keys are {', '.join(sorted(valid))}"
+        )
+    hints = typing.get_type_hints(TrainConfig)
+    clean = {}
+    for key, value in updates.items():
+        clean[key] = _coerce(key, value, hints[key], source)
+    return dataclasses.replace(base, **clean)
+
+
+def _coerce(key: str, value: Any, kind: Any, source: str) -> Any:
+    if value is None:
+        return None
+    allowed = [a for a in typing.get_args(kind) if a is not type(None)] or [kind]
+    for typ in allowed:
+        if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if typ is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if typ in (str, bool, list, dict) and isinstance(value, typ):
+            return value
+    names = "/".join(getattr(t, "__name__", str(t)) for t in allowed)
+    raise DiffalignError(f"config key {key!r} in {source} must be {names}, got {value!r}")
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """Defaults -> YAML (--config) -> CLI flags."""
+    cfg = TrainConfig()
+    if getattr(args, "config", None):
+        cfg = merge(cfg, load_yaml(args.config), f"--config {args.config}")
+    cli = {}
+    for f in config_fields():
+        value = getattr(args, f.name, None)
+        if value is None:
+            continue
+        if f.name == "objective":
+            value = {**cfg.objective, **_parse_objective_items(value)}
+        cli[f.name] = value
+    return merge(cfg, cli, "the command line")
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
