@@ -222,9 +222,9 @@ def _coerce(key: str, value: Any, kind: Any, source: str) -> Any:
     raise DiffalignError(f"config key {key!r} in {source} must be {names}, got {value!r}")
 
 
-def resolve_config(args: argparse.Namespace) -> TrainConfig:
-    """Defaults -> YAML (--config) -> CLI flags."""
-    cfg = TrainConfig()
+def resolve_config(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
+    """Defaults (or `base`) -> YAML (--config) -> CLI flags."""
+    cfg = base or TrainConfig()
     if getattr(args, "config", None):
         cfg = merge(cfg, load_yaml(args.config), f"--config {args.config}")
     cli = {}

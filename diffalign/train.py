@@ -1,0 +1,473 @@
+"""`diffalign train`: one flat loop for every objective, on accelerate.
+
+    build -> for each step: encode -> errors (policy, reference) -> objective -> step -> log/ckpt
+
+Objectives differ only in `diffalign/objectives/<method>.py`; model families only in their
+adapter (`diffalign/models`). Multi-GPU is `accelerate launch -m diffalign.cli train ...` with a
+config from configs/accelerate/ (DDP, FSDP, DeepSpeed); nothing here is launcher-specific.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from diffalign.config import TrainConfig, add_config_arguments, merge, load_yaml, resolve_config, save_config
+from diffalign.errors import DiffalignError
+from diffalign.objectives import get_objective, resolve_hparams
+
+
+# --------------------------------------------------------------------------- CLI
+def add_arguments(parser) -> None:
+    add_config_arguments(parser)
+
+
+def run(args) -> int:
+    cfg = resolve_config(args, base=quickstart_base(args))
+    result = train(cfg)
+    return 130 if result.get("interrupted") else 0
+
+
+def quickstart_base(args) -> TrainConfig | None:
+    """With neither --model nor --dataset (on the CLI or in --config), start from the toy quickstart."""
+    from diffalign.paths import configs_dir
+
+    user = load_yaml(args.config) if getattr(args, "config", None) else {}
+    model = getattr(args, "model", None) or user.get("model")
+    dataset = getattr(args, "dataset", None) or user.get("dataset")
+    if model and dataset:
+        return None
+    if model or dataset:
+        missing = "--dataset" if model else "--model"
+        raise DiffalignError(
+            f"{missing} is missing: give both --model and --dataset, or neither to run the toy quickstart"
+        )
+    method = getattr(args, "method", None) or user.get("method") or "dpo"
+    name = "quickstart-flow.yaml" if method == "flow-dpo" else "quickstart.yaml"
+    base = merge(TrainConfig(), load_yaml(configs_dir() / name), f"configs/{name}")
+    print(f"diffalign: no --model/--dataset given: running the toy quickstart (configs/{name})")
+    return base
+
+
+# --------------------------------------------------------------------------- data order
+class GroupOrder:
+    """Seeded per-epoch permutation of the dataset, sharded over processes, resumable.
+
+    Epoch e uses randperm(N, seed + e); process r takes positions r, r + W, ...; `start`
+    skips groups this process already consumed, so a resumed run sees the same data.
+    """
+
+    def __init__(self, n: int, seed: int, epoch: int, rank: int, world: int, start: int = 0):
+        self.n, self.seed, self.epoch, self.rank, self.world, self.start = n, seed, epoch, rank, world, start
+
+    def indices(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        usable = len(perm) - len(perm) % self.world  # equal shares keep processes in step
+        return perm[self.rank : usable : self.world][self.start :]
+
+    def __iter__(self):
+        return iter(self.indices())
+
+    def __len__(self) -> int:
+        return len(self.indices())
+
+
+def micro_step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
+    """The noise/timestep/dropout RNG of one micro-step: a pure function of where we are, so
+    a resumed run draws exactly what the uninterrupted one would have."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + micro_step * 7_919 + rank * 104_729) % (2**63 - 1))
+
+
+# --------------------------------------------------------------------------- building blocks
+def check_output_dir(path: str) -> Path:
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise DiffalignError(
+            f"cannot write to output folder {path!r} ({err.strerror or err}): choose a writable --output-dir"
+        ) from err
+    return out
+
+
+def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(
+            params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon
+        )
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:
+            raise DiffalignError("optimizer adamw8bit needs bitsandbytes: pip install 'diffalign[bnb]'") from err
+        return bnb.optim.AdamW8bit(
+            params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon
+        )
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # The original SDXL Diffusion-DPO settings: a fixed lr, no parameter scaling.
+        return Adafactor(
+            params, lr=cfg.lr, scale_parameter=False, relative_step=False, warmup_init=False,
+            clip_threshold=1.0, weight_decay=cfg.weight_decay,
+        )
+    raise DiffalignError(f"unknown optimizer {cfg.optimizer!r}: choose adamw, adamw8bit or adafactor")
+
+
+def build_scheduler(cfg: TrainConfig, optimizer):
+    from diffusers.optimization import get_scheduler
+
+    try:
+        return get_scheduler(
+            cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
+        )
+    except ValueError as err:
+        raise DiffalignError(f"lr_scheduler {cfg.lr_scheduler!r}: {err}") from err
+
+
+def weight_dtype_for(cfg: TrainConfig) -> torch.dtype:
+    """Frozen weights may run in half precision; trainable ones always stay fp32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+
+
+def setup_denoiser(cfg: TrainConfig, adapter, needs_ref: bool):
+    """Make the denoiser trainable (LoRA or full) and return (params, reference factory)."""
+    from diffalign.models.lora import add_lora, reference_factory
+
+    denoiser = adapter.denoiser
+    denoiser.requires_grad_(False)
+    if cfg.full_finetune:
+        denoiser.to(torch.float32)
+        # The frozen copy must be taken before training touches the weights.
+        ref = reference_factory(denoiser, lora=False, offload=cfg.offload_reference) if needs_ref else None
+        denoiser.requires_grad_(True)
+    else:
+        add_lora(denoiser, rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets)
+        for p in denoiser.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        ref = reference_factory(denoiser, lora=True) if needs_ref else None
+    if cfg.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    denoiser.train()
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    return params, ref
+
+
+def encode_batch(adapter, batch: dict, cfg: TrainConfig, uses_captions: bool, generator: torch.Generator, device):
+    """Latents (B, K, C, h, w) and conditioning for B*K images, group-major."""
+    if "latents" in batch:  # from the latent cache: no VAE in the loop
+        latents = batch["latents"].to(device)
+    else:
+        pixels = batch["pixels"].to(device)
+        b, k = pixels.shape[:2]
+        with torch.no_grad():
+            flat = adapter.encode_images(pixels.reshape(b * k, *pixels.shape[2:]).to(adapter.pipe.vae.dtype))
+        latents = flat.reshape(b, k, *flat.shape[1:])
+    b, k = latents.shape[:2]
+    texts = [list(c) if uses_captions else [p] * k for p, c in zip(batch["prompts"], batch["captions"])]
+    if cfg.caption_dropout > 0:
+        drop = torch.rand(b, generator=generator) < cfg.caption_dropout
+        texts = [[""] * k if d else t for d, t in zip(drop.tolist(), texts)]
+    flat_texts = [t for group in texts for t in group]
+    cond = encode_texts(adapter, flat_texts, batch.get("cond_cache"))
+    return latents, {key: value.to(device) for key, value in cond.items()}
+
+
+def encode_texts(adapter, texts: list[str], cond_cache=None) -> dict[str, torch.Tensor]:
+    """Encode each distinct text once, then gather one row per image."""
+    unique = list(dict.fromkeys(texts))
+    if cond_cache is not None:
+        table = cond_cache(unique)
+    else:
+        with torch.no_grad():
+            table = adapter.encode_prompts(unique)
+    index = torch.tensor([unique.index(t) for t in texts])
+    return {key: value.index_select(0, index.to(value.device)) for key, value in table.items()}
+
+
+# --------------------------------------------------------------------------- the loop
+def train(cfg: TrainConfig) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from diffalign import checkpoint as ckpt
+    from diffalign.elbo import policy_and_reference_errors
+    from diffalign.models import load_adapter
+    from diffalign.models.lora import set_attention
+
+    objective = get_objective(cfg.method)
+    out = check_output_dir(cfg.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_dir=str(out),
+    )
+    set_seed(cfg.seed)
+    main = accelerator.is_main_process
+
+    adapter = load_adapter(cfg.model, device=accelerator.device, dtype=weight_dtype_for(cfg))
+    overrides = dict(cfg.objective)
+    if cfg.beta is not None:
+        overrides["beta"] = cfg.beta
+    hparams = resolve_hparams(cfg.method, adapter.prediction_type, overrides)
+    if cfg.timestep_sampling != "auto":
+        adapter.configure_timesteps(cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std)
+    attention = set_attention(adapter.denoiser, cfg.attention)
+
+    dataset = build_training_data(cfg, adapter, accelerator, objective)
+    params, reference = setup_denoiser(cfg, adapter, objective.NEEDS_REF)
+    lr = cfg.lr * (cfg.batch_size * cfg.grad_accum * accelerator.num_processes if cfg.scale_lr else 1)
+    optimizer = build_optimizer(cfg, params)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    scheduler = build_scheduler(cfg, optimizer)
+    ema = build_ema(cfg, params)
+    denoiser, optimizer = accelerator.prepare(adapter.denoiser, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+
+    state = {"step": 0, "epoch": 0, "consumed": 0}
+    resume_from = ckpt.resolve_resume(cfg.resume, out)
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(accelerator, resume_from)
+        if main:
+            print(f"diffalign: resumed from {resume_from} at step {state['step']}")
+    if main:
+        save_config(cfg, out / "config.yaml")
+        print(
+            f"diffalign: {cfg.method} on {adapter.family} ({adapter.prediction_type}), "
+            f"{'full fine-tune' if cfg.full_finetune else f'LoRA rank {cfg.lora_rank}'}, attention={attention}, "
+            f"{len(dataset)} groups, {sum(p.numel() for p in params):,} trainable parameters, hparams={hparams}"
+        )
+    metrics_file = open(out / "metrics.jsonl", "a") if main else None
+    stop = install_stop_handler()
+    progress = tqdm(total=cfg.max_steps, initial=state["step"], disable=not main, desc=cfg.method, dynamic_ncols=True)
+    window: list[dict] = []
+    step_start = time.perf_counter()
+    interrupted = False
+
+    def save(step_state):
+        path = ckpt.save_checkpoint(accelerator, out, step_state["step"], step_state, cfg.keep_checkpoints)
+        return path
+
+    from torch.utils.data import DataLoader
+    from diffalign.data import collate_groups
+
+    while state["step"] < cfg.max_steps and not interrupted:
+        order = GroupOrder(
+            len(dataset), cfg.seed, state["epoch"], accelerator.process_index, accelerator.num_processes, state["consumed"]
+        )
+        if len(order) < cfg.batch_size:
+            if state["consumed"] == 0:
+                raise DiffalignError(
+                    f"the dataset has {len(dataset)} usable groups, fewer than one batch of {cfg.batch_size} per process: "
+                    "lower --batch-size or add data"
+                )
+            state["epoch"], state["consumed"] = state["epoch"] + 1, 0
+            continue
+        loader = DataLoader(
+            dataset, batch_size=cfg.batch_size, sampler=list(order), collate_fn=collate_groups,
+            num_workers=cfg.num_workers, drop_last=True,
+        )
+        for batch in loader:
+            micro = state["step"] * cfg.grad_accum + len(window)
+            generator = micro_step_generator(cfg.seed, micro, accelerator.process_index)
+            with accelerator.accumulate(denoiser):
+                latents, cond = encode_batch(
+                    adapter, batch, cfg, objective.USES_IMAGE_CAPTIONS, generator, accelerator.device
+                )
+                with accelerator.autocast():
+                    err, ref_err, _ = policy_and_reference_errors(adapter, denoiser, latents, cond, generator, reference)
+                scores = batch["scores"].to(err.device) if batch.get("scores") is not None else None
+                losses, metrics = objective.loss(
+                    err, ref_err, scores=scores, num_timesteps=adapter.num_train_timesteps, **hparams
+                )
+                loss = losses.mean()
+                if not torch.isfinite(loss):
+                    raise_non_finite(loss, state, save, main)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            state["consumed"] += cfg.batch_size
+            window.append(summarise(loss, metrics, accelerator))
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            if ema is not None:
+                ema.step(params)
+            state["step"] += 1
+            record = average(window)
+            window = []
+            elapsed = time.perf_counter() - step_start
+            step_start = time.perf_counter()
+            record.update(step=state["step"], epoch=state["epoch"], lr=scheduler.get_last_lr()[0], step_time=elapsed)
+            if main and state["step"] % max(cfg.log_every, 1) == 0:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                accelerator.log(record, step=state["step"]) if cfg.report_to != "none" else None
+            progress.update(1)
+            progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('implicit_acc', float('nan')):.2f}")
+            if cfg.validation_every and state["step"] % cfg.validation_every == 0 and main:
+                run_validation(cfg, adapter, out, state["step"])
+            if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
+                save(dict(state))
+            if stop.requested:
+                path = save(dict(state))
+                if main:
+                    print(f"\ndiffalign: stopped by signal at step {state['step']}; checkpoint {path}; "
+                          f"continue with --resume latest")
+                interrupted = True
+                break
+            if state["step"] >= cfg.max_steps:
+                break
+        else:
+            state["epoch"], state["consumed"] = state["epoch"] + 1, 0
+    progress.close()
+    stop.restore()
+    if metrics_file:
+        metrics_file.close()
+    if interrupted:
+        return {"interrupted": True, "step": state["step"]}
+
+    if cfg.checkpoint_every:
+        save(dict(state))
+    accelerator.wait_for_everyone()
+    result = {"step": state["step"], "output_dir": str(out)}
+    if main:
+        if ema is not None:
+            ema.copy_to(params)
+        save_final_weights(cfg, adapter, accelerator.unwrap_model(denoiser), out)
+        plot_training_curves(out / "metrics.jsonl", out / "training_curves.png")
+        if cfg.eval_prompts:
+            result["eval"] = run_final_eval(cfg, out)
+        print(f"diffalign: done. Weights, metrics.jsonl, training_curves.png and config.yaml are in {out}")
+    accelerator.end_training()
+    return result
+
+
+# --------------------------------------------------------------------------- helpers of the loop
+def build_training_data(cfg: TrainConfig, adapter, accelerator, objective):
+    from diffalign.data import DataConfig, build_dataset
+
+    data_cfg = DataConfig(
+        dataset=cfg.dataset, resolution=cfg.resolution, random_flip=cfg.random_flip, center_crop=cfg.center_crop,
+        streaming=cfg.streaming, strict=cfg.strict, max_samples=cfg.max_samples, seed=cfg.seed,
+    )
+    pairwise = cfg.method not in ("rankdpo",)
+    if cfg.cache_latents:
+        from diffalign.cache import cached_dataset
+
+        return cached_dataset(data_cfg, adapter, cfg.cache_dir, accelerator=accelerator, pairwise=pairwise)
+    return build_dataset(data_cfg, pairwise=pairwise)
+
+
+def summarise(loss: torch.Tensor, metrics: dict, accelerator) -> dict:
+    """Mean of each metric over the global batch (gathered across processes)."""
+    values = {"loss": loss.detach().reshape(1)}
+    values.update({k: v.detach().float().reshape(-1) for k, v in metrics.items()})
+    return {k: accelerator.gather(v.to(accelerator.device)).float().mean().item() for k, v in values.items()}
+
+
+def average(window: list[dict]) -> dict:
+    return {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+
+
+def raise_non_finite(loss, state, save, main):
+    path = save(dict(state)) if state["step"] > 0 else None
+    where = f"the last good weights are in {path}" if path else "no step had finished"
+    raise DiffalignError(
+        f"loss is {loss.item()} at step {state['step'] + 1}; training stopped and {where}: lower --lr or --beta, "
+        "or train in fp32/bf16 instead of fp16"
+    )
+
+
+class install_stop_handler:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a notebook worker)
+                pass
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C exits at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def build_ema(cfg: TrainConfig, params):
+    if not cfg.ema:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(params, decay=cfg.ema_decay)
+
+
+def save_final_weights(cfg: TrainConfig, adapter, denoiser, out: Path) -> None:
+    """LoRA -> OUTPUT/pytorch_lora_weights.safetensors (pipe.load_lora_weights(OUTPUT));
+    full fine-tune -> the whole pipeline in OUTPUT (DiffusionPipeline.from_pretrained(OUTPUT))."""
+    if cfg.full_finetune:
+        adapter.pipe.save_pretrained(str(out), safe_serialization=True)
+    else:
+        from diffalign.models.lora import save_lora
+
+        save_lora(denoiser, str(out), adapter)
+
+
+def run_validation(cfg: TrainConfig, adapter, out: Path, step: int) -> None:
+    from diffalign.plots import save_image_grid
+
+    prompts = cfg.validation_prompts or ["a photo"]
+    pipe = adapter.pipe
+    images = []
+    for i, prompt in enumerate(prompts):
+        g = torch.Generator().manual_seed(cfg.seed + i)
+        result = pipe(prompt, num_inference_steps=cfg.validation_steps, guidance_scale=cfg.guidance_scale,
+                      generator=g, output_type="pt", height=cfg.resolution, width=cfg.resolution)
+        images.append(result.images[0].float().cpu())
+    adapter.denoiser.train()
+    (out / "validation").mkdir(exist_ok=True)
+    save_image_grid([images], out / "validation" / f"step-{step:06d}.png", row_labels=[f"step {step}"], col_labels=prompts)
+
+
+def plot_training_curves(metrics_path: Path, png_path: Path) -> None:
+    from diffalign.plots import plot_curves
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if rows:
+        plot_curves(rows, ["loss", "implicit_acc"], png_path)
+
+
+def run_final_eval(cfg: TrainConfig, out: Path) -> dict:
+    from diffalign.evaluate import evaluate
+
+    return evaluate(
+        model=cfg.model, lora=None if cfg.full_finetune else str(out), finetuned=str(out) if cfg.full_finetune else None,
+        baseline=cfg.model, prompts=cfg.eval_prompts, rewards=list(cfg.eval_rewards),
+        num_images=cfg.eval_num_images, seed=cfg.seed, output_dir=str(out / "eval"),
+        resolution=cfg.resolution, guidance_scale=cfg.guidance_scale, steps=cfg.validation_steps,
+    )
