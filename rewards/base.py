@@ -193,11 +193,15 @@ def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Te
     return (images - mean_t) / std_t
 
 
-def clip_crop_transform(size: int = 224, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD) -> Callable[[Tensor], Tensor]:
-    """CLIPImageProcessor in torch: shortest side to `size`, centre crop, normalise."""
+def clip_crop_transform(
+    size: int = 224, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, crop_size: int | None = None
+) -> Callable[[Tensor], Tensor]:
+    """CLIPImageProcessor in torch: shortest side to `size`, centre crop (to `crop_size`,
+    default `size`), normalise."""
+    crop = crop_size or size
 
     def transform(images: Tensor) -> Tensor:
-        return normalize(center_crop(resize_shortest_side(images, size), size), mean, std)
+        return normalize(center_crop(resize_shortest_side(images, size), crop), mean, std)
 
     return transform
 
