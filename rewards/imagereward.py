@@ -178,14 +178,12 @@ def mlp_head(input_size: int = 768) -> nn.Sequential:
 
 
 class ImageRewardReward(nn.Module):
-    """ImageReward behind the diffalign reward contract; `score` is the original `score_gard`."""
+    """ImageReward behind the diffalign reward contract; `score` is the original `score_gard`.
+    VP-Score (rewards/vpscore.py) is this same module under another name, checkpoint and mean/std."""
 
-    name = "imagereward"
-    hub_repo = HUB_REPO
-    weights_file = WEIGHTS_FILE
-
-    def __init__(self, blip: BLIP, mlp: nn.Sequential, tokenizer: Any, mean: float = MEAN, std: float = STD):
+    def __init__(self, blip: BLIP, mlp: nn.Sequential, tokenizer: Any, mean: float = MEAN, std: float = STD, name: str = "imagereward"):
         super().__init__()
+        self.name = name
         self.blip = blip
         self.mlp = nn.Module()
         self.mlp.layers = mlp  # keys mlp.layers.{0,2,4,6,7}.*
@@ -200,7 +198,7 @@ class ImageRewardReward(nn.Module):
         bert-base-uncased tokenizer; default `<path>/tokenizer`, `path` itself if it holds
         vocab.txt, else the hub), `vit` (vision config dict; default ViT-L/16, 224 px),
         `mean`, `std`, `med_config` (path to the json)."""
-        return load_imagereward_shaped(cls, path, device, dtype, mean=MEAN, std=STD, **opts)
+        return load_imagereward_shaped(path or HUB_REPO, device, dtype, "imagereward", WEIGHTS_FILE, {"mean": MEAN, "std": STD, **opts})
 
     def score(self, images: base.ImageInput, prompts: base.PromptInput) -> Tensor:
         """(B,) float32 ImageReward scores, roughly N(0, 1); differentiable w.r.t. tensor images."""
@@ -223,27 +221,28 @@ class ImageRewardReward(nn.Module):
 # ----------------------------------------------------------------------------------------
 
 
-def load_imagereward_shaped(cls, path, device, dtype, *, mean: float, std: float, **opts: Any):
-    """Build `cls` (ImageReward-shaped) from its checkpoint + med_config.json and load strictly."""
+def load_imagereward_shaped(path: str | Path, device, dtype, name: str, weights_file: str, opts: dict[str, Any]) -> ImageRewardReward:
+    """Build an ImageReward-shaped reward from `weights_file` + med_config.json found in `path`
+    (folder, file or hub repo id) and load it strictly. `opts` holds mean and std."""
     unknown = set(opts) - {"tokenizer", "vit", "mean", "std", "med_config"}
     if unknown:
-        raise DiffalignError(f"unknown {cls.name} options {sorted(unknown)}: use tokenizer, vit, mean, std, med_config")
-    where = Path(str(path)) if path is not None else None
+        raise DiffalignError(f"unknown {name} options {sorted(unknown)}: use tokenizer, vit, mean, std, med_config")
+    where = Path(str(path))
     med_path = opts.get("med_config")
-    if where is not None and where.is_file():  # the checkpoint itself; med_config.json beside it
+    if where.is_file():  # the checkpoint itself; med_config.json beside it
         weights_path, folder = where, where.parent
         med_path = med_path or base.resolve_weights(folder, MED_CONFIG_FILE, hint=f"it ships in {HUB_REPO}")[0]
     else:
-        names = [cls.weights_file] + ([] if med_path else [MED_CONFIG_FILE])
-        found = base.resolve_weights(path or cls.hub_repo, names)
+        names = [weights_file] + ([] if med_path else [MED_CONFIG_FILE])
+        found = base.resolve_weights(path, names)
         weights_path, med_path = found[0], med_path or found[1]
-        folder = where if where is not None and where.is_dir() else weights_path.parent
+        folder = where if where.is_dir() else weights_path.parent
     med_config = json.loads(Path(med_path).read_text())
     tokenizer = load_blip_tokenizer(opts.get("tokenizer"), folder)
     if len(tokenizer) > med_config["vocab_size"]:
         raise DiffalignError(f"tokenizer has {len(tokenizer)} tokens but med_config vocab_size is {med_config['vocab_size']}: pass the bert-base-uncased tokenizer")
     blip = BLIP(med_config, dict(opts.get("vit") or VIT_LARGE))
-    model = cls(blip, mlp_head(med_config["hidden_size"]), tokenizer, opts.get("mean", mean), opts.get("std", std))
+    model = ImageRewardReward(blip, mlp_head(med_config["hidden_size"]), tokenizer, opts["mean"], opts["std"], name)
     state = base.load_checkpoint(weights_path)
     # position_ids is only arange; tolerate checkpoints saved without the buffer.
     state.setdefault("blip.text_encoder.embeddings.position_ids", model.blip.text_encoder.embeddings.position_ids.clone())
