@@ -1,0 +1,219 @@
+"""LoRA, the reference model, LoRA export, and the attention implementation.
+
+- `add_lora(denoiser, rank, alpha)` freezes the denoiser and adds a peft LoRA adapter the way
+  diffusers' training scripts do (`denoiser.add_adapter(LoraConfig(...))`), so only the LoRA
+  A/B matrices train. B starts at zero: the policy equals the base model at step 0.
+- `reference(denoiser)` runs the reference under no_grad: with LoRA, the same network with
+  its adapters disabled (no second copy, as in Diffusion-DPO's LoRA scripts); for full
+  fine-tuning, a `frozen_copy(denoiser)` made once at start (optionally kept on the CPU and
+  moved in only while it runs, as the official SDXL DPO script offloads its reference).
+- `save_lora(denoiser, out_dir, family)` writes `pytorch_lora_weights.safetensors` that loads
+  with `pipe.load_lora_weights(out_dir)` (PixArt pipelines have no LoRA loader:
+  `pipe.transformer.load_lora_adapter(out_dir)`).
+- `set_attention(denoiser, "auto"|"xformers"|"sdpa")` picks the attention kernels and returns
+  the name of the one that runs, for the training log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from diffalign.errors import DiffalignError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# Default LoRA targets per family. UNets: the attention projections (diffusers' SD/SDXL DPO
+# scripts). DiTs: the attention projections of both streams plus the feed-forward layers, as
+# diffusers' SD3/FLUX DreamBooth-LoRA scripts and flow_grpo do.
+_UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+_MMDIT_TARGETS = [
+    "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
+    "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+]
+DEFAULT_TARGETS = {
+    "sd": _UNET_TARGETS,
+    "sdxl": _UNET_TARGETS,
+    "sd3": _MMDIT_TARGETS,
+    # FLUX single-stream blocks also have attn.to_q/k/v (matched above) and an MLP in proj_mlp.
+    "flux": _MMDIT_TARGETS + ["proj_mlp"],
+    "pixart": ["to_k", "to_q", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
+}
+
+# Pipeline class whose `save_lora_weights` writes the family's LoRA, and its keyword.
+_LORA_SAVERS = {
+    "sd": ("StableDiffusionPipeline", "unet"),
+    "sdxl": ("StableDiffusionXLPipeline", "unet"),
+    "sd3": ("StableDiffusion3Pipeline", "transformer"),
+    "flux": ("FluxPipeline", "transformer"),
+}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The bare module under DDP/DeepSpeed/torch.compile wrappers (accelerate's helper)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model)
+
+
+def has_lora(denoiser: nn.Module) -> bool:
+    """True when the denoiser carries a peft adapter (added by `add_lora` or loaded)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in _unwrap(denoiser).modules())
+
+
+def add_lora(
+    denoiser: nn.Module,
+    rank: int,
+    alpha: float | None = None,
+    target_modules: list[str] | None = None,
+    dropout: float = 0.0,
+    family: str | None = None,
+) -> list[torch.nn.Parameter]:
+    """Freeze `denoiser` and add a LoRA adapter; return the trainable (LoRA) parameters.
+
+    `alpha` defaults to `rank` (scale 1). `target_modules` defaults to DEFAULT_TARGETS[family];
+    give `family` or `target_modules`. Names match a module's full name or its dotted suffix.
+    """
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise DiffalignError(f"LoRA rank must be >= 1, got {rank}: pass --lora-rank 8 (or --full-finetune)")
+    if target_modules is None:
+        if family not in DEFAULT_TARGETS:
+            raise DiffalignError(f"no default LoRA targets for family {family!r}: pass target_modules or one of {', '.join(DEFAULT_TARGETS)}")
+        target_modules = DEFAULT_TARGETS[family]
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank if alpha is None else alpha,
+        lora_dropout=dropout,
+        init_lora_weights="gaussian",  # A ~ N(0, 1/r), B = 0, as diffusers' LoRA scripts
+        target_modules=list(target_modules),
+    )
+    denoiser.requires_grad_(False)
+    try:
+        denoiser.add_adapter(config)
+    except ValueError as exc:  # peft: none of the target modules exists in this network
+        raise DiffalignError(f"LoRA target modules {list(target_modules)} do not match {type(denoiser).__name__} ({exc}): fix target_modules") from None
+    return [p for p in denoiser.parameters() if p.requires_grad]
+
+
+def frozen_copy(denoiser: nn.Module, offload: bool = False) -> nn.Module:
+    """A frozen deepcopy of `denoiser` to serve as the full fine-tuning reference.
+
+    Make it before training starts (and before `accelerator.prepare`). With `offload=True`
+    it lives on the CPU and `reference` moves it to the policy's device only while it runs.
+    """
+    ref = copy.deepcopy(_unwrap(denoiser)).requires_grad_(False).eval()
+    return ref.to("cpu") if offload else ref
+
+
+@contextlib.contextmanager
+def reference(denoiser: nn.Module, ref_model: nn.Module | None = None) -> Iterator[nn.Module]:
+    """Context manager yielding the reference network, with gradients off.
+
+    `ref_model` given (full fine-tuning): that frozen copy, moved to the denoiser's device for
+    the duration if it was offloaded. Otherwise the denoiser must carry LoRA: its adapters are
+    disabled inside the block and re-enabled after, even on error.
+
+        with reference(denoiser) as ref:
+            ref_pred = adapter.predict(ref, xt, t, cond)
+    """
+    policy = _unwrap(denoiser)
+    if ref_model is not None:
+        device = next(policy.parameters()).device
+        home = next(ref_model.parameters()).device
+        ref_model.to(device)
+        try:
+            with torch.no_grad():
+                yield ref_model
+        finally:
+            ref_model.to(home)
+        return
+    if not has_lora(policy):
+        raise DiffalignError("no reference: the denoiser has no LoRA adapter; add_lora(...) or pass ref_model=frozen_copy(denoiser)")
+    policy.disable_adapters()
+    try:
+        with torch.no_grad():
+            yield policy
+    finally:
+        policy.enable_adapters()
+
+
+def lora_state_dict(denoiser: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA weights in diffusers' key format (what `save_lora_weights` expects)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(_unwrap(denoiser)))
+
+
+def save_lora(denoiser: nn.Module, out_dir: str | Path, family: str) -> Path:
+    """Write the denoiser's LoRA to `out_dir/pytorch_lora_weights.safetensors` and return it.
+
+    Loads back with `pipe.load_lora_weights(out_dir)` (sd, sdxl, sd3, flux) or
+    `pipe.transformer.load_lora_adapter(out_dir)` (pixart). The LoraConfig (rank, alpha,
+    targets) travels in the file's metadata, so alpha != rank loads with the right scale.
+    """
+    import diffusers
+
+    model = _unwrap(denoiser)
+    if not has_lora(model):
+        raise DiffalignError("save_lora: the denoiser has no LoRA adapter; save full weights with save_pretrained instead")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metadata = model.peft_config["default"].to_dict()
+    if family == "pixart":
+        model.save_lora_adapter(str(out), adapter_name="default", safe_serialization=True)
+        return out / "pytorch_lora_weights.safetensors"
+    if family not in _LORA_SAVERS:
+        raise DiffalignError(f"save_lora: unknown family {family!r}: use one of sd, sdxl, sd3, flux, pixart")
+    class_name, part = _LORA_SAVERS[family]
+    state = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
+    getattr(diffusers, class_name).save_lora_weights(
+        str(out), **{f"{part}_lora_layers": state, f"{part}_lora_adapter_metadata": metadata}, safe_serialization=True
+    )
+    return out / "pytorch_lora_weights.safetensors"
+
+
+def _xformers_imports() -> bool:
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception:  # ImportError, or a build that does not match this torch
+        return False
+    return True
+
+
+def set_attention(denoiser: nn.Module, mode: str = "auto") -> str:
+    """Choose the attention kernels; return "xformers" or "sdpa" (the one that runs).
+
+    auto: xformers when the denoiser is on CUDA and xformers imports, else PyTorch SDPA.
+    sdpa: diffusers' default processors, which call torch's scaled_dot_product_attention.
+    Call it once on a freshly loaded denoiser.
+    xformers has no CPU kernels, so asking for it off CUDA is an error.
+    """
+    if mode not in ("auto", "xformers", "sdpa"):
+        raise DiffalignError(f"unknown attention {mode!r}: use auto, xformers or sdpa")
+    model = _unwrap(denoiser)
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    if mode == "auto":
+        mode = "xformers" if on_cuda and _xformers_imports() else "sdpa"
+    if mode == "xformers":
+        if not on_cuda:
+            raise DiffalignError("xformers attention needs a CUDA device (it has no CPU kernels): use --attention sdpa or auto")
+        if not _xformers_imports():
+            raise DiffalignError("xformers is not installed or does not match this torch: pip install 'diffalign[xformers]', or use --attention sdpa")
+        model.enable_xformers_memory_efficient_attention()
+        return "xformers"
+    # Nothing to switch: a freshly loaded diffusers model already runs SDPA (AttnProcessor2_0,
+    # JointAttnProcessor2_0, and the dispatcher's "native" backend for FLUX). Call this once,
+    # at setup; switching back from xformers is not supported.
+    return "sdpa"
