@@ -1,0 +1,502 @@
+"""`diffalign label`: build synthetic preference data, the Syn-Pic way (RankDPO, arXiv:2410.18013).
+
+    diffalign label --model toy-sd --prompts prompts.txt --num-images 4 \
+        --reward toy-reward,clip --output data/syn
+
+For every prompt: generate K images (image k of prompt p always uses the same seed, see
+`image_seed`), score them with every reward, rank them and write
+
+    D/images/000012_03.png    image 3 of prompt 12, as generated (PNG: what is scored is what is saved)
+    D/rows/000012.json        the prompt's ranked record, written atomically: the done-index
+    D/ranked.jsonl            ranked lists, best first (docs/datasets.md JSONL format):
+                              {"prompt", "images", "scores", "ranks", "rewards": {name: [...]}, "seeds"}
+    D/pairs.parquet           Pick-a-Pic v2 schema: caption, jpg_0 (winner), jpg_1, label_0, label_1
+    D/run.json, D/stats.json  the settings (checked on resume) and the timing of the last run
+
+Ranking (`--rank-by`). "avg-rank" (default) is the paper's Algorithm 1: each reward votes on every
+pair of images, and an image's score psi is its share of won votes, wins / (n_rewards * (K - 1)),
+in [0, 1]. That is a linear function of the average per-reward rank, and it is what RankDPO takes
+as the label score. "weighted" ranks by sum_r w_r * reward_r (`--weights`), and psi is the share
+of the other images it beats. Pairs: "best-worst" (one pair per prompt; ties dropped) or "margin"
+(every pair whose psi differ by more than `--margin`, or whose weighted scores do with
+--rank-by weighted).
+
+Resuming: a prompt is done once its row file exists (written after its images, by rename). A
+rerun with the same flags skips done prompts and regenerates unfinished batches whole, so the
+batches, and therefore the pixels, are the same as in an uninterrupted run; ranked.jsonl and
+pairs.parquet are rebuilt from the row files at the end. Nothing is duplicated or lost.
+
+Dual captions (DCPO): `--captions caption|perturb|hybrid` adds caption_0/caption_1 to the pairs
+(see diffalign/captions.py for the strategies and `python -m diffalign.captions` for existing data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from diffalign.errors import DiffalignError
+
+RANK_BY = ("avg-rank", "weighted")
+PAIRS = ("best-worst", "margin")
+
+# Rewards registered from Python (tests, notebooks): name -> callable(images, prompts) -> Tensor[B].
+CUSTOM_REWARDS: dict[str, Callable] = {}
+
+
+def register_reward(name: str, fn: Callable) -> None:
+    """Make `fn(images (B, 3, H, W) in [0, 1], prompts list[str]) -> Tensor[B]` usable as --reward name."""
+    CUSTOM_REWARDS[name] = fn
+
+
+@dataclass
+class LabelConfig:
+    model: str
+    prompts: str
+    output: str
+    rewards: list[str]
+    num_images: int = 4
+    seed: int = 0
+    batch_size: int = 8
+    steps: int | None = None
+    guidance: float | None = None
+    resolution: int | None = None
+    pairs: str = "best-worst"
+    margin: float = 0.0
+    rank_by: str = "avg-rank"
+    weights: list[float] | None = None
+    device: str | None = None
+    dtype: str = "float32"
+    captions: str | None = None
+    captioner: str | None = None
+    paraphraser: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that decide the content of the rows: a resumed run must match them."""
+        keep = ("model", "prompts", "rewards", "num_images", "seed", "batch_size", "steps", "guidance",
+                "resolution", "rank_by", "weights", "dtype")
+        out = {k: v for k, v in asdict(self).items() if k in keep}
+        out["prompts"] = str(Path(self.prompts).resolve()) if Path(self.prompts).exists() else self.prompts
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a .txt (one a line), a .jsonl ({"prompt": ...} a line) or a .json list."""
+    file = Path(path)
+    if not file.is_file():
+        raise DiffalignError(f"prompt file {path!r} not found: pass --prompts a .txt, .jsonl or .json file")
+    text = file.read_text(encoding="utf-8")
+    if file.suffix == ".jsonl":
+        prompts = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                obj = json.loads(line)
+                if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+                    raise DiffalignError(f"line {n} of {path} has no string \"prompt\": write {{\"prompt\": \"...\"}}")
+                prompts.append(obj["prompt"])
+    elif file.suffix == ".json":
+        prompts = json.loads(text)
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise DiffalignError(f"{path} must hold a JSON list of strings")
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise DiffalignError(f"prompt file {path!r} holds no prompts: add one prompt a line")
+    return prompts
+
+
+def image_seed(seed: int, prompt_index: int, k: int) -> int:
+    """Seed of image k of prompt p: fixed by (seed, p, k), independent of batching and resumes."""
+    return (seed * 1_000_003 + prompt_index * 1009 + k) % (2**63 - 1)
+
+
+def load_pipeline(model: str, device: str | None, dtype: str):
+    """A diffusers text-to-image pipeline: a shipped asset name (toy-sd), a local folder or a hub id."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from diffalign.paths import asset
+
+    source = str(asset(model)) if asset(model).is_dir() else model
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype)
+    if torch_dtype is None:
+        raise DiffalignError(f"unknown --dtype {dtype!r}: choose float32, float16 or bfloat16")
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=torch_dtype)
+    except (OSError, ValueError) as err:
+        raise DiffalignError(f"cannot load pipeline {model!r} ({str(err).splitlines()[0]}): pass a diffusers folder, "
+                             "a hub id (HF_HUB_OFFLINE=0 to download) or a shipped name such as toy-sd") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def load_scorers(names: list[str], device: str | None) -> dict[str, Callable]:
+    """name -> callable(images, prompts) -> Tensor[B]: registered callables, "module:attr", or
+    a reward from diffalign.rewards."""
+    scorers = {}
+    for name in names:
+        if name in CUSTOM_REWARDS:
+            scorers[name] = CUSTOM_REWARDS[name]
+        elif ":" in name:
+            module, attr = name.split(":", 1)
+            try:
+                scorers[name] = getattr(importlib.import_module(module), attr)
+            except (ImportError, AttributeError) as err:
+                raise DiffalignError(f"cannot import reward {name!r} ({err}): write module:function") from None
+        else:
+            from diffalign.rewards import load_reward
+
+            reward = load_reward(name, device=device)
+            scorers[name] = reward.score
+    return scorers
+
+
+# ----------------------------------------------------------------------------------------------
+# Ranking: pure functions of the reward table, tested by hand
+
+
+def win_fractions(table: list[list[float]]) -> list[float]:
+    """Algorithm 1 of the paper. table[r][i] = reward r of image i. psi_i = wins / (n * (K - 1)),
+    a win being a strictly higher reward than another image (ties win nothing)."""
+    n, k = len(table), len(table[0])
+    wins = [sum(1 for row in table for j in range(k) if row[i] > row[j]) for i in range(k)]
+    return [w / (n * (k - 1)) for w in wins]
+
+
+def rank_images(rewards: dict[str, list[float]], rank_by: str, weights: list[float] | None) -> tuple[list[int], list[float], list[float]]:
+    """Order of the images best first, their psi scores (in that order) and the values the
+    pair margin is measured on (psi, or the weighted score)."""
+    table = list(rewards.values())
+    for name, values in rewards.items():
+        if not all(v == v and abs(v) != float("inf") for v in values):
+            raise DiffalignError(f"reward {name!r} returned NaN or inf: check the reward or the generated images")
+    if rank_by == "avg-rank":
+        psi = win_fractions(table)
+        key = psi
+    elif rank_by == "weighted":
+        if weights is None or len(weights) != len(table):
+            raise DiffalignError(f"--rank-by weighted needs one weight per reward ({len(table)}): pass --weights w1,w2,...")
+        key = [sum(w * row[i] for w, row in zip(weights, table)) for i in range(len(table[0]))]
+        psi = win_fractions([key])
+    else:
+        raise DiffalignError(f"unknown --rank-by {rank_by!r}: choose one of {', '.join(RANK_BY)}")
+    order = sorted(range(len(psi)), key=lambda i: (-psi[i], -key[i], i))  # stable, best first
+    return order, [psi[i] for i in order], [key[i] for i in order]
+
+
+def competition_ranks(sorted_scores: list[float]) -> list[int]:
+    """1-based ranks of scores sorted descending; equal scores share the best rank (1, 2, 2, 4)."""
+    return [1 + sum(1 for other in sorted_scores if other > s) for s in sorted_scores]
+
+
+def select_pairs(margin_values: list[float], mode: str, margin: float) -> list[tuple[int, int]]:
+    """(winner, loser) positions in a best-first list. Ties never make a pair."""
+    k = len(margin_values)
+    if mode == "best-worst":
+        return [(0, k - 1)] if margin_values[0] > margin_values[-1] else []
+    if mode == "margin":
+        return [(i, j) for i in range(k) for j in range(i + 1, k) if margin_values[i] - margin_values[j] > margin]
+    raise DiffalignError(f"unknown --pairs {mode!r}: choose one of {', '.join(PAIRS)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation and the per-prompt rows
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _row_path(out: Path, p: int) -> Path:
+    return out / "rows" / f"{p:06d}.json"
+
+
+def generate_images(pipe, prompts: list[str], seeds: list[int], cfg: LabelConfig):
+    """One image per (prompt, seed), as uint8 (N, H, W, 3) numpy; each image has its own CPU
+    generator, so it depends only on its seed (and the batch it is made in)."""
+    import numpy as np
+    import torch
+
+    kwargs: dict[str, Any] = {"output_type": "np"}
+    if cfg.steps is not None:
+        kwargs["num_inference_steps"] = cfg.steps
+    if cfg.guidance is not None:
+        kwargs["guidance_scale"] = cfg.guidance
+    if cfg.resolution is not None:
+        kwargs["height"] = kwargs["width"] = cfg.resolution
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    with torch.no_grad():
+        images = pipe(prompt=prompts, generator=generators, **kwargs).images
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise DiffalignError(f"the pipeline returned images of shape {images.shape}: label needs a text-to-image pipeline")
+    return (np.clip(images, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def score_images(scorers: dict[str, Callable], pixels, prompts: list[str]) -> dict[str, list[float]]:
+    """Score uint8 images (N, H, W, 3) as [0, 1] tensors: exactly the pixels that are saved."""
+    import torch
+
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255.0)
+    out = {}
+    with torch.no_grad():
+        for name, fn in scorers.items():
+            values = torch.as_tensor(fn(images, prompts)).detach().float().cpu().reshape(-1)
+            if values.numel() != len(prompts):
+                raise DiffalignError(f"reward {name!r} returned {values.numel()} scores for {len(prompts)} images: "
+                                     "it must return one score per image")
+            out[name] = values.tolist()
+    return out
+
+
+def make_row(p: int, prompt: str, seeds: list[int], files: list[str], rewards: dict[str, list[float]],
+             cfg: LabelConfig) -> dict[str, Any]:
+    order, psi, key = rank_images(rewards, cfg.rank_by, cfg.weights)
+    row = {
+        "index": p,
+        "prompt": prompt,
+        "images": [files[i] for i in order],
+        "scores": psi,
+        "ranks": competition_ranks(psi),
+        "rewards": {name: [values[i] for i in order] for name, values in rewards.items()},
+        "seeds": [seeds[i] for i in order],
+    }
+    if cfg.rank_by == "weighted":
+        row["weighted_scores"] = key
+    return row
+
+
+def chunks(num_prompts: int, k: int, batch_size: int) -> list[list[int]]:
+    """Prompt indices per generation chunk: whole prompts, aligned from prompt 0, so a resumed
+    run regenerates exactly the same batches."""
+    per_chunk = max(1, batch_size // k)
+    return [list(range(start, min(start + per_chunk, num_prompts))) for start in range(0, num_prompts, per_chunk)]
+
+
+def label_chunk(pipe, scorers, prompts: list[str], chunk: list[int], cfg: LabelConfig, out: Path,
+                timing: dict[str, float]) -> int:
+    """Generate, score and write the rows of the prompts in `chunk` that are not done yet."""
+    import numpy as np
+    from PIL import Image
+
+    k = cfg.num_images
+    items = [(p, i) for p in chunk for i in range(k)]
+    pixels = []
+    start = time.perf_counter()
+    for b in range(0, len(items), cfg.batch_size):  # a prompt wider than a batch spans several
+        batch = items[b : b + cfg.batch_size]
+        pixels.extend(generate_images(pipe, [prompts[p] for p, _ in batch], [image_seed(cfg.seed, p, i) for p, i in batch], cfg))
+    timing["generate"] += time.perf_counter() - start
+    written = 0
+    for n, p in enumerate(chunk):
+        if _row_path(out, p).exists():
+            continue  # done in an earlier run; this chunk was only regenerated to keep batches equal
+        mine = pixels[n * k : (n + 1) * k]
+        start = time.perf_counter()
+        rewards = score_images(scorers, np.stack(mine), [prompts[p]] * k)
+        timing["reward"] += time.perf_counter() - start
+        files = [f"images/{p:06d}_{i:02d}.png" for i in range(k)]
+        for file, img in zip(files, mine):
+            Image.fromarray(img).save(out / file)
+        row = make_row(p, prompts[p], [image_seed(cfg.seed, p, i) for i in range(k)], files, rewards, cfg)
+        _atomic_write(_row_path(out, p), json.dumps(row).encode())
+        written += 1
+    return written
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs, rebuilt from the rows
+
+
+def read_rows(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(f.read_text()) for f in sorted((out / "rows").glob("*.json"))]
+
+
+def write_ranked(out: Path, rows: list[dict[str, Any]]) -> Path:
+    lines = []
+    for row in rows:
+        lines.append(json.dumps({k: v for k, v in row.items() if k != "index"}))
+    path = out / "ranked.jsonl"
+    _atomic_write(path, ("\n".join(lines) + "\n").encode())
+    return path
+
+
+def pair_records(out: Path, rows: list[dict[str, Any]], cfg: LabelConfig) -> list[dict[str, Any]]:
+    records = []
+    for row in rows:
+        values = row.get("weighted_scores", row["scores"])
+        for w, l in select_pairs(values, cfg.pairs, cfg.margin):
+            records.append({
+                "caption": row["prompt"],
+                "jpg_0": (out / row["images"][w]).read_bytes(),
+                "jpg_1": (out / row["images"][l]).read_bytes(),
+                "label_0": 1.0,
+                "label_1": 0.0,
+                "score_0": row["scores"][w],
+                "score_1": row["scores"][l],
+                "prompt_index": row["index"],
+            })
+    return records
+
+
+def write_pairs(out: Path, records: list[dict[str, Any]]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = ["caption", "jpg_0", "jpg_1", "label_0", "label_1", "score_0", "score_1", "prompt_index"]
+    columns += [c for c in ("caption_0", "caption_1") if records and c in records[0]]
+    types = {"jpg_0": pa.binary(), "jpg_1": pa.binary(), "caption": pa.string(), "prompt_index": pa.int64(),
+             "caption_0": pa.string(), "caption_1": pa.string()}
+    table = pa.table({c: pa.array([r[c] for r in records], type=types.get(c, pa.float64())) for c in columns})
+    path = out / "pairs.parquet"
+    tmp = out / "pairs.parquet.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _check_run(out: Path, cfg: LabelConfig) -> None:
+    """A resumed run must have the settings that made the rows already there."""
+    run_file = out / "run.json"
+    if run_file.exists():
+        before = json.loads(run_file.read_text())
+        changed = sorted(k for k in cfg.identity() if before.get(k) != cfg.identity()[k])
+        if changed:
+            raise DiffalignError(f"{out} holds a run made with other {', '.join(changed)}: resume with the same flags "
+                                 "or choose a new --output")
+    else:
+        _atomic_write(run_file, json.dumps(cfg.identity(), indent=2).encode())
+
+
+def validate(cfg: LabelConfig) -> None:
+    if cfg.num_images < 2:
+        raise DiffalignError(f"--num-images {cfg.num_images}: a ranking needs at least 2 images a prompt")
+    if cfg.batch_size < 1:
+        raise DiffalignError("--batch-size must be at least 1")
+    if not cfg.rewards:
+        raise DiffalignError("no reward given: pass --reward name[,name...]")
+    if cfg.rank_by not in RANK_BY:
+        raise DiffalignError(f"unknown --rank-by {cfg.rank_by!r}: choose one of {', '.join(RANK_BY)}")
+    if cfg.pairs not in PAIRS:
+        raise DiffalignError(f"unknown --pairs {cfg.pairs!r}: choose one of {', '.join(PAIRS)}")
+    if cfg.rank_by == "weighted" and (cfg.weights is None or len(cfg.weights) != len(cfg.rewards)):
+        raise DiffalignError(f"--rank-by weighted needs one weight per reward ({len(cfg.rewards)}): pass --weights w1,w2,...")
+    if cfg.margin < 0:
+        raise DiffalignError("--margin must be >= 0")
+    if cfg.captions not in (None, "caption", "perturb", "hybrid"):
+        raise DiffalignError(f"unknown --captions {cfg.captions!r}: choose caption, perturb or hybrid")
+    if cfg.captions in ("caption", "hybrid") and not cfg.captioner:
+        raise DiffalignError(f"--captions {cfg.captions} needs a captioning model: pass --captioner HUB_ID_OR_PATH")
+
+
+def label(cfg: LabelConfig, pipe=None) -> dict[str, Any]:
+    """Run (or resume) a labelling job; returns the paths and the timing. `pipe` overrides cfg.model."""
+    from tqdm.auto import tqdm
+
+    validate(cfg)
+    prompts = read_prompts(cfg.prompts)
+    out = Path(cfg.output)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "rows").mkdir(exist_ok=True)
+    _check_run(out, cfg)
+    todo = [c for c in chunks(len(prompts), cfg.num_images, cfg.batch_size) if not all(_row_path(out, p).exists() for p in c)]
+    timing = {"generate": 0.0, "reward": 0.0}
+    made = 0
+    if todo:
+        pipe = pipe if pipe is not None else load_pipeline(cfg.model, cfg.device, cfg.dtype)
+        scorers = load_scorers(cfg.rewards, cfg.device)
+        with tqdm(total=sum(len(c) for c in todo), desc="label", unit="prompt") as bar:
+            for chunk in todo:
+                made += label_chunk(pipe, scorers, prompts, chunk, cfg, out, timing)
+                bar.update(len(chunk))
+    rows = read_rows(out)
+    ranked = write_ranked(out, rows)
+    records = pair_records(out, rows, cfg)
+    if cfg.captions:
+        from diffalign.captions import caption_pairs
+
+        records = caption_pairs(records, cfg.captions, captioner=cfg.captioner, paraphraser=cfg.paraphraser,
+                                seed=cfg.seed, device=cfg.device)
+    pairs = write_pairs(out, records)
+    total = timing["generate"] + timing["reward"]
+    stats = {
+        "prompts_labelled": made,
+        "images": made * cfg.num_images,
+        "seconds_generate": timing["generate"],
+        "seconds_reward": timing["reward"],
+        "images_per_second": made * cfg.num_images / total if total > 0 else None,
+        "reward_share": timing["reward"] / total if total > 0 else None,
+        "rows": len(rows),
+        "num_pairs": len(records),
+    }
+    _atomic_write(out / "stats.json", json.dumps(stats, indent=2).encode())
+    return {"ranked": ranked, "pairs": pairs, **stats}
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="diffusers pipeline: folder, hub id or shipped name (toy-sd)")
+    parser.add_argument("--prompts", required=True, help=".txt (one a line), .jsonl ({\"prompt\"}) or .json list")
+    parser.add_argument("--num-images", type=int, default=4, help="K images a prompt (default 4)")
+    parser.add_argument("--reward", required=True, help="reward name(s), comma-separated: toy-reward,clip,...")
+    parser.add_argument("--output", required=True, help="output folder; rerun with the same flags to resume")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8, help="images a pipeline call")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the pipeline's)")
+    parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's)")
+    parser.add_argument("--resolution", type=int, default=None, help="image size (default: the pipeline's)")
+    parser.add_argument("--pairs", choices=PAIRS, default="best-worst")
+    parser.add_argument("--margin", type=float, default=0.0, help="--pairs margin: minimum score gap of a pair")
+    parser.add_argument("--rank-by", choices=RANK_BY, default="avg-rank")
+    parser.add_argument("--weights", default=None, help="--rank-by weighted: one weight per reward, comma-separated")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--captions", choices=("caption", "perturb", "hybrid"), default=None,
+                        help="add DCPO dual captions (caption_0/caption_1) to the pairs")
+    parser.add_argument("--captioner", default=None, help="image-to-text model (hub id or path) for caption/hybrid")
+    parser.add_argument("--paraphraser", default=None, help="text2text model for perturb/hybrid (default: rule-based)")
+
+
+def config_from_args(args: argparse.Namespace) -> LabelConfig:
+    weights = None
+    if args.weights:
+        try:
+            weights = [float(w) for w in args.weights.split(",")]
+        except ValueError:
+            raise DiffalignError(f"--weights {args.weights!r} is not a list of numbers: write e.g. 1,0.5") from None
+    return LabelConfig(
+        model=args.model, prompts=args.prompts, output=args.output,
+        rewards=[r.strip() for r in args.reward.split(",") if r.strip()], num_images=args.num_images,
+        seed=args.seed, batch_size=args.batch_size, steps=args.steps, guidance=args.guidance,
+        resolution=args.resolution, pairs=args.pairs, margin=args.margin, rank_by=args.rank_by, weights=weights,
+        device=args.device, dtype=args.dtype, captions=args.captions, captioner=args.captioner,
+        paraphraser=args.paraphraser,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    result = label(config_from_args(args))
+    rate = result["images_per_second"]
+    speed = f", {rate:.2f} images/s, rewards {100 * result['reward_share']:.0f}% of the time" if rate else ""
+    print(f"labelled {result['prompts_labelled']} new prompts ({result['rows']} in all{speed})")
+    print(f"ranked lists: {result['ranked']}\npairs ({result['num_pairs']}): {result['pairs']}")
+    return 0
