@@ -155,7 +155,9 @@ def _open_image(ref: Any, base_dir: Path | None):
         return img.convert("RGB")
     except _BadImage:
         raise
-    except Exception as err:  # PIL raises many types for bad data
+    except Image.UnidentifiedImageError:
+        raise _BadImage("corrupt", "not a readable image") from None
+    except Exception as err:  # PIL raises many types for truncated or damaged data
         raise _BadImage("corrupt", f"{type(err).__name__}: {err}") from None
 
 

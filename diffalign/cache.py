@@ -1,0 +1,324 @@
+"""Latent + text-embedding cache: encode a preference dataset once, train without VAE or text encoders.
+
+`diffalign cache --model M --dataset D --output-dir CACHE` (or `diffalign train --cache-latents`)
+runs the model adapter's `encode_images` and `encode_prompts` (docs/architecture.md) over every
+group once and writes safetensors shards under CACHE/<key>/, where the key hashes the model id,
+the resolution, the dataset (its files' sizes and times when local) and the group settings.
+
+Only the deterministic view is cached: centre crop, no flip. Random crops and flips change the
+pixels every epoch, so they cannot be encoded ahead; a cached run trains on the centre view.
+
+Layout of CACHE/<key>/:
+    config.json                 what the key was made of, shard count, shard size
+    shard-00000.safetensors     latents (N, C, h, w) for the N images of its groups (best first),
+                                group_offsets (G+1,), scores (N,), caption_index (N,), index (G,),
+                                cond.<name> (U, ...) for the U unique captions of the shard;
+                                metadata: prompts and captions (JSON)
+    empty.safetensors           cond.<name> (1, ...) of the empty prompt, for caption dropout
+    manifest.json               the finished shards (informative; a shard file exists only once
+                                it is complete, since it is written to a temp file and renamed)
+Under several processes, process r encodes the shards s with s % world_size == r; a rerun
+encodes only the missing shards, so an interrupted build resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from diffalign.data import DataConfig, GroupDataset, SkipCounter, _BadImage, build_dataset, process_share
+from diffalign.errors import DiffalignError
+
+CACHE_FORMAT = 1
+
+
+class Encoder(Protocol):
+    """The two adapter methods the cache uses (diffalign.models.ModelAdapter has both)."""
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor: ...
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]: ...
+
+
+# ----------------------------------------------------------------------------------------------
+# The key
+
+
+def _dataset_fingerprint(name: str) -> list:
+    """(file, size, mtime) of a local dataset's files, so an edited dataset gets a new cache."""
+    path = Path(name)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    else:
+        return []  # a hub id: the id (and split) is the key
+    return [[str(p.relative_to(path) if path.is_dir() else p.name), p.stat().st_size, p.stat().st_mtime_ns]
+            for p in files]
+
+
+def cache_settings(model_id: str, cfg: DataConfig, pairwise: bool) -> dict:
+    """Everything that changes the cached tensors."""
+    local = Path(cfg.dataset).exists()
+    return {
+        "format": CACHE_FORMAT,
+        "model": model_id,
+        "dataset": str(Path(cfg.dataset).resolve()) if local else cfg.dataset,
+        "dataset_files": _dataset_fingerprint(cfg.dataset),
+        "split": cfg.split,
+        "resolution": cfg.resolution,
+        "view": "center-crop, no flip",
+        "pairwise": pairwise,
+        "drop_ties": cfg.drop_ties,
+        "group_size": cfg.group_size,
+        "max_samples": cfg.max_samples,
+        "columns": [cfg.caption_column, cfg.image_columns, cfg.label_columns],
+    }
+
+
+def cache_key(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def _shard_path(folder: Path, shard: int) -> Path:
+    return folder / f"shard-{shard:05d}.safetensors"
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write to a temp file in the same folder, then rename: a shard exists only once complete."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _write_json_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _encode_in_batches(fn, items, batch_size: int):
+    return [fn(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
+
+
+@torch.no_grad()
+def encode_shard(adapter: Encoder, dataset: GroupDataset, indices: range, *, batch_size: int,
+                 device: torch.device | str | None, skipped: SkipCounter) -> tuple[dict, dict]:
+    """Encode the groups `indices` of the dataset: (tensors, metadata) of one shard."""
+    groups, kept = [], []
+    for i in indices:
+        try:
+            groups.append(dataset.load(i, augment=False))
+            kept.append(i)
+        except _BadImage as err:  # skipped for good: the cache holds only the good groups
+            skipped.record(err)
+    if not groups:
+        return {}, {}
+    pixels = torch.cat([g["pixels"] for g in groups])  # (N, 3, R, R), groups one after another
+    latents = torch.cat(_encode_in_batches(
+        lambda x: adapter.encode_images(x.to(device) if device is not None else x).cpu(), pixels, batch_size))
+
+    captions = [c for g in groups for c in g["captions"]]
+    unique = list(dict.fromkeys(captions))  # first-appearance order: deterministic
+    conds = _encode_in_batches(lambda p: adapter.encode_prompts(p), unique, batch_size)
+    tensors = {f"cond.{name}": torch.cat([c[name].cpu() for c in conds]) for name in conds[0]}
+
+    sizes = torch.tensor([len(g["captions"]) for g in groups])
+    tensors.update({
+        "latents": latents,
+        "group_offsets": torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)]),
+        "scores": torch.cat([g["scores"] for g in groups]).float(),
+        "caption_index": torch.tensor([unique.index(c) for c in captions], dtype=torch.long),
+        "index": torch.tensor(kept, dtype=torch.long),
+    })
+    metadata = {"prompts": json.dumps([g["prompt"] for g in groups]), "captions": json.dumps(unique)}
+    return tensors, metadata
+
+
+def _finished_shards(folder: Path, num_shards: int) -> list[int]:
+    return [s for s in range(num_shards) if _shard_path(folder, s).exists()]
+
+
+def build_cache(adapter: Encoder, cfg: DataConfig, output_dir: str | Path, *, model_id: str, pairwise: bool = True,
+                batch_size: int = 8, shard_size: int = 256, device: torch.device | str | None = None,
+                rank: int | None = None, world_size: int | None = None) -> Path:
+    """Encode this process's share of the cache (resuming), return the cache folder CACHE/<key>.
+
+    Idempotent: finished shards are never re-encoded. Under several processes, wait for all of
+    them (accelerator.wait_for_everyone()) before opening a CachedDataset.
+    """
+    from tqdm.auto import tqdm
+
+    if cfg.streaming:
+        raise DiffalignError("the latent cache needs a map-style dataset: set streaming false to build it")
+    if batch_size < 1 or shard_size < 1:
+        raise DiffalignError(f"batch_size and shard_size must be positive (got {batch_size}, {shard_size})")
+    view = dataclasses.replace(cfg, center_crop=True, random_flip=False)
+    dataset = build_dataset(view, pairwise=pairwise)
+    settings = cache_settings(model_id, cfg, pairwise)
+    folder = Path(output_dir) / cache_key(settings)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DiffalignError(f"cannot create the cache folder {folder} ({err.strerror}): choose a writable --output-dir") from None
+    num_shards = (len(dataset) + shard_size - 1) // shard_size
+    info = {"settings": settings, "num_groups": len(dataset), "shard_size": shard_size, "num_shards": num_shards}
+    if not (folder / "config.json").exists():
+        _write_json_atomic(info, folder / "config.json")
+
+    default_rank, default_world = process_share()
+    rank = default_rank if rank is None else rank
+    world_size = default_world if world_size is None else world_size
+    if not (folder / "empty.safetensors").exists():
+        with torch.no_grad():
+            empty = adapter.encode_prompts([""])
+        _save_atomic({f"cond.{k}": v.cpu() for k, v in empty.items()}, folder / "empty.safetensors")
+
+    mine = [s for s in range(num_shards) if s % world_size == rank and not _shard_path(folder, s).exists()]
+    skipped = SkipCounter(cfg.strict)
+    for shard in tqdm(mine, desc=f"cache (rank {rank})", disable=not mine):
+        for stale in folder.glob(f"{_shard_path(folder, shard).name}.tmp-*"):  # from a killed run
+            stale.unlink()
+        indices = range(shard * shard_size, min(len(dataset), (shard + 1) * shard_size))
+        tensors, metadata = encode_shard(adapter, dataset, indices, batch_size=batch_size, device=device,
+                                         skipped=skipped)
+        if not tensors:  # every group of the shard was bad: an empty shard keeps the numbering
+            tensors = {"group_offsets": torch.zeros(1, dtype=torch.long)}
+            metadata = {"prompts": "[]", "captions": "[]"}
+        _save_atomic(tensors, _shard_path(folder, shard), metadata)
+        _write_json_atomic({"finished": _finished_shards(folder, num_shards), "num_shards": num_shards},
+                           folder / "manifest.json")
+    if skipped.total:
+        warnings.warn(f"cache {folder}: {skipped.total} groups left out for bad images ({skipped.counts})", stacklevel=2)
+    _write_json_atomic({"finished": _finished_shards(folder, num_shards), "num_shards": num_shards},
+                       folder / "manifest.json")
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """Groups from a finished cache folder, in dataset order (bad groups left out).
+
+    Item: {"latents": (K, C, h, w), "prompt", "captions" (K), "scores" (K,),
+           "cond": {name: (K, ...)}: each image's caption embedding}. `empty_cond` holds the
+    empty prompt's embedding {name: (1, ...)} for caption dropout. Batches via collate_groups.
+    """
+
+    def __init__(self, folder: str | Path):
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        config_file = self.folder / "config.json"
+        if not config_file.exists():
+            raise DiffalignError(f"{self.folder} is not a diffalign cache (no config.json): build it with `diffalign cache`")
+        self.info = json.loads(config_file.read_text())
+        num_shards = self.info["num_shards"]
+        done = _finished_shards(self.folder, num_shards)
+        if len(done) < num_shards or not (self.folder / "empty.safetensors").exists():
+            raise DiffalignError(
+                f"cache {self.folder} is incomplete ({len(done)} of {num_shards} shards): "
+                "run the same `diffalign cache` command again to finish it"
+            )
+        self.items: list[tuple[int, int]] = []  # (shard, group within the shard)
+        self.texts: list[tuple[list[str], list[str]]] = []  # per shard: prompts, unique captions
+        for shard in range(num_shards):
+            with safe_open(str(_shard_path(self.folder, shard)), framework="pt") as f:
+                meta = f.metadata()
+                n_groups = f.get_slice("group_offsets").get_shape()[0] - 1
+            self.texts.append((json.loads(meta["prompts"]), json.loads(meta["captions"])))
+            self.items += [(shard, g) for g in range(n_groups)]
+        with safe_open(str(self.folder / "empty.safetensors"), framework="pt") as f:
+            self.empty_cond = {k.removeprefix("cond."): f.get_tensor(k) for k in f.keys()}
+        self._open: dict[int, Any] = {}
+
+    @property
+    def resolution(self) -> int:
+        return int(self.info["settings"]["resolution"])
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _shard(self, shard: int):
+        from safetensors import safe_open
+
+        # Opened lazily per process (handles are not picklable into DataLoader workers).
+        if shard not in self._open:
+            self._open[shard] = safe_open(str(_shard_path(self.folder, shard)), framework="pt")
+        return self._open[shard]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_open": {}}
+
+    def __getitem__(self, index: int) -> dict:
+        shard, g = self.items[index]
+        f = self._shard(shard)
+        offsets = f.get_slice("group_offsets")[g : g + 2].tolist()
+        a, b = offsets
+        caption_index = f.get_slice("caption_index")[a:b].tolist()
+        cond_names = [k for k in f.keys() if k.startswith("cond.")]
+        prompts, captions = self.texts[shard]
+        return {
+            "latents": f.get_slice("latents")[a:b],
+            "prompt": prompts[g],
+            "captions": [captions[i] for i in caption_index],
+            "scores": f.get_slice("scores")[a:b],
+            "cond": {k.removeprefix("cond."): torch.cat([f.get_slice(k)[i : i + 1] for i in caption_index])
+                     for k in cond_names},
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI: diffalign cache
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="hub id or local diffusers folder")
+    parser.add_argument("--dataset", required=True, help="hub id, parquet file/folder, save_to_disk folder or .jsonl")
+    parser.add_argument("--output-dir", required=True, help="cache root; the cache goes to OUTPUT/<key>/")
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8, help="images (and captions) per encoder call")
+    parser.add_argument("--shard-size", type=int, default=256, help="groups per safetensors shard")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--max-samples", type=int, default=None)
+    parser.add_argument("--ranked", action="store_true",
+                        help="keep whole ranked lists and ties (for rankdpo); default: winner/loser pairs")
+    parser.add_argument("--group-size", type=int, default=None, help="with --ranked: K images per group")
+    parser.add_argument("--strict", action="store_true", help="a missing or corrupt image is fatal")
+    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
+                        help="encoder dtype (cached tensors keep it)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from diffalign.models import load_adapter
+
+    state = PartialState()
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    adapter = load_adapter(args.model, device=state.device, dtype=dtype)
+    cfg = DataConfig(dataset=args.dataset, split=args.split, resolution=args.resolution,
+                     max_samples=args.max_samples, strict=args.strict, group_size=args.group_size)
+    folder = build_cache(adapter, cfg, args.output_dir, model_id=args.model, pairwise=not args.ranked,
+                         batch_size=args.batch_size, shard_size=args.shard_size, device=state.device,
+                         rank=state.process_index, world_size=state.num_processes)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        n = len(CachedDataset(folder))
+        print(f"cache ready: {folder} ({n} groups)")
+    return 0
