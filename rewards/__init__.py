@@ -125,6 +125,8 @@ def load_reward(name: str, path: str | None = None, device: torch.device | str |
     reward = builder(path, device=device, dtype=as_dtype(dtype), **opts)
     if not isinstance(reward, Reward):
         raise DiffalignError(f"builder of reward {name!r} returned {type(reward).__name__}, not a Reward: give it a score() method")
+    if isinstance(reward, nn.Module):  # the contract: frozen and in eval mode, whatever the builder did
+        reward.eval().requires_grad_(False)
     return reward
 
 

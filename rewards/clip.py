@@ -91,14 +91,14 @@ class CLIPScoreReward(nn.Module):
             from diffalign.rewards.pickscore import load_hf_clip
 
             model, tokenizer, image_cfg = load_hf_clip(path or HUB_REPO, processor, "clip")
-            return cls(freeze(model, device, dtype), tokenizer, "transformers", name="clip", **image_cfg)
+            return cls(freeze(model, device, dtype), tokenizer, "transformers", name="clip", **image_cfg).eval()
         if path is None:
             raise DiffalignError("the open_clip CLIP score needs weights: pass path=<checkpoint file> (--path clip=FILE)")
         [file] = resolve_weights(path, "open_clip_model.safetensors", "or pass the checkpoint file itself")
         checkpoint = load_checkpoint(file)
         model, tokenizer = build_open_clip(architecture)
         load_state_dict_strict(model, checkpoint.get("state_dict", checkpoint), str(file))
-        return cls(freeze(model, device, dtype), tokenizer, "open_clip", size=int(model.visual.image_size[0]))
+        return cls(freeze(model, device, dtype), tokenizer, "open_clip", size=int(model.visual.image_size[0])).eval()
 
     def encode(self, pixels: Tensor, prompts: list[str]) -> tuple[Tensor, Tensor]:
         device = pixels.device

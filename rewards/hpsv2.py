@@ -76,7 +76,7 @@ class HPSv2Reward(nn.Module):
         state_dict = checkpoint.get("state_dict", checkpoint)
         model, tokenizer = build_open_clip(architecture)
         load_state_dict_strict(model, state_dict, str(file))
-        return cls(freeze(model, device, dtype), tokenizer, scale=scale, name=name)
+        return cls(freeze(model, device, dtype), tokenizer, scale=scale, name=name).eval()
 
     @classmethod
     def v2(cls, path: str | None = None, device=None, dtype=None, **opts: Any) -> "HPSv2Reward":

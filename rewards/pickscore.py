@@ -130,7 +130,7 @@ class PickScoreReward(nn.Module):
         """`path`: a CLIPModel folder or hub id (default yuvalkirstain/PickScore_v1);
         `processor`: the tokenizer/image-processor folder or hub id (default the CLIP-H one)."""
         model, tokenizer, image_cfg = load_hf_clip(path or HUB_REPO, processor, name, PROCESSOR_REPO)
-        return cls(freeze(model, device, dtype), tokenizer, name=name, **image_cfg)
+        return cls(freeze(model, device, dtype), tokenizer, name=name, **image_cfg).eval()
 
     def score(self, images: ImageInput, prompts: PromptInput) -> Tensor:
         prompts = check_prompts(prompts, num_images(images))
