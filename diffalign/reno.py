@@ -84,18 +84,25 @@ def make_optimizer(
     raise DiffalignError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
 
 
-def resolve_rewards(
-    rewards: Mapping[Any, float], device=None, dtype: torch.dtype | None = None, paths: Mapping[str, str] | None = None
-) -> dict[str, tuple[RewardFn, float]]:
-    """{registry name | Reward module | callable: weight} -> {name: (score function, weight)}."""
-    from diffalign.rewards import REWARDS, load_reward
-    from diffalign.rewards.base import Reward
+def check_reward_names(rewards: Mapping[Any, float]) -> None:
+    """Fail before anything heavy loads: no rewards, or a name the registry does not know."""
+    from diffalign.rewards import REWARDS
 
     if not rewards:
         raise DiffalignError("no rewards given: pass rewards={'hpsv2.1': 5.0, ...} (or --reward NAME=WEIGHT)")
     unknown = [key for key in rewards if isinstance(key, str) and key not in REWARDS]
     if unknown:
         raise DiffalignError(f"unknown reward {unknown[0]!r}: use one of {', '.join(REWARDS)} or pass a callable")
+
+
+def resolve_rewards(
+    rewards: Mapping[Any, float], device=None, dtype: torch.dtype | None = None, paths: Mapping[str, str] | None = None
+) -> dict[str, tuple[RewardFn, float]]:
+    """{registry name | Reward module | callable: weight} -> {name: (score function, weight)}."""
+    from diffalign.rewards import load_reward
+    from diffalign.rewards.base import Reward
+
+    check_reward_names(rewards)
     resolved: dict[str, tuple[RewardFn, float]] = {}
     for key, weight in rewards.items():
         if isinstance(key, str):
@@ -296,6 +303,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args.prompt, args.prompts)
     rewards = parse_rewards(args.reward)
+    check_reward_names(rewards)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype if args.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
     _check_settings(args.iterations, args.lr, args.grad_clip, args.reg_weight)
