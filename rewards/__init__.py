@@ -23,11 +23,9 @@ from diffalign.rewards.base import (
     ImageInput,
     PromptInput,
     Reward,
-    check_image_tensor,
-    check_prompts,
+    check_batch,
     check_scores,
     load_image,
-    num_images,
 )
 
 # CLI name -> "module:builder". A builder is a class with a `from_pretrained(path, device,
@@ -61,10 +59,8 @@ class FunctionReward(nn.Module):
         self.name = name
 
     def score(self, images: ImageInput, prompts: PromptInput) -> Tensor:
-        prompts = check_prompts(prompts, num_images(images))
-        if isinstance(images, Tensor):
-            images = check_image_tensor(images, video=images.ndim == 5)
-        else:
+        prompts = check_batch(images, prompts, video=isinstance(images, Tensor) and images.ndim == 5)
+        if not isinstance(images, Tensor):
             items = [load_image(item) for item in images]
             if len({tuple(x.shape) for x in items}) != 1:
                 raise DiffalignError(f"reward {self.name!r} takes one tensor: resize the images to one size first")
@@ -188,15 +184,18 @@ class CombinedReward(nn.Module):
 
 
 def combine(weights: Mapping[Any, float], normalize: Any = False, *, paths: Mapping[str, str] | None = None,
-            device: torch.device | str | None = None, dtype: torch.dtype | str | None = None) -> CombinedReward:
+            options: Mapping[str, dict] | None = None, device: torch.device | str | None = None,
+            dtype: torch.dtype | str | None = None) -> CombinedReward:
     """`combine({"hpsv2.1": 5.0, "pickscore": 0.05, my_fn: 1.0})`: keys are registry names,
-    Rewards or callables; names load with `paths[name]`, `device` and `dtype`."""
+    Rewards or callables; names load with `paths[name]`, `options[name]`, `device` and `dtype`."""
     if not weights:
         raise DiffalignError("combine() got no rewards: pass {name_or_reward: weight, ...}")
-    paths = dict(paths or {})
+    paths, options = dict(paths or {}), dict(options or {})
     rewards, named_weights = {}, {}
     for key, weight in weights.items():
-        kwargs = {"path": paths.get(key), "device": device, "dtype": dtype} if isinstance(key, str) else {}
+        kwargs = {}
+        if isinstance(key, str):
+            kwargs = {"path": paths.get(key), "device": device, "dtype": dtype, **options.get(key, {})}
         reward = as_reward(key, **kwargs)
         name = key if isinstance(key, str) else reward.name
         if name in rewards:

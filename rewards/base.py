@@ -88,6 +88,17 @@ def check_prompts(prompts: PromptInput, batch_size: int) -> list[str]:
     return prompts
 
 
+def check_batch(images: ImageInput, prompts: PromptInput, video: bool = False) -> list[str]:
+    """Check the images first (shape, range, emptiness), then return one prompt per image."""
+    if isinstance(images, Tensor):
+        check_image_tensor(images, video=video)
+    elif isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence):
+        raise DiffalignError(f"images of type {type(images).__name__}: pass a tensor or a list of PIL images / paths")
+    elif len(images) == 0:
+        raise DiffalignError("empty list of images: pass at least one image")
+    return check_prompts(prompts, num_images(images))
+
+
 def load_image(item: Any) -> Tensor:
     """A PIL image, a path, or a (3, H, W) tensor -> float (3, H, W) tensor in [0, 1]."""
     from PIL import Image

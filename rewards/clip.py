@@ -23,13 +23,12 @@ from diffalign.rewards.base import (
     OPENAI_CLIP_STD,
     ImageInput,
     PromptInput,
-    check_prompts,
+    check_batch,
     check_scores,
     clip_crop_transform,
     freeze,
     load_checkpoint,
     load_state_dict_strict,
-    num_images,
     prepare_pixels,
     resolve_weights,
 )
@@ -110,7 +109,7 @@ class CLIPScoreReward(nn.Module):
         return hf_clip_features(self.model, self.tokenizer, pixels, prompts)
 
     def score(self, images: ImageInput, prompts: PromptInput) -> Tensor:
-        prompts = check_prompts(prompts, num_images(images))
+        prompts = check_batch(images, prompts)
         param = next(self.model.parameters())
         pixels = prepare_pixels(images, self.transform, param.device, param.dtype)
         image_features, text_features = self.encode(pixels, prompts)

@@ -22,13 +22,12 @@ from diffalign.errors import DiffalignError
 from diffalign.rewards.base import (
     ImageInput,
     PromptInput,
-    check_prompts,
+    check_batch,
     check_scores,
     clip_pad_transform,
     freeze,
     load_checkpoint,
     load_state_dict_strict,
-    num_images,
     prepare_pixels,
     resolve_weights,
 )
@@ -87,7 +86,7 @@ class HPSv2Reward(nn.Module):
         return cls.from_pretrained(path, device, dtype, version="v2.1", **opts)
 
     def score(self, images: ImageInput, prompts: PromptInput) -> Tensor:
-        prompts = check_prompts(prompts, num_images(images))
+        prompts = check_batch(images, prompts)
         param = self.model.logit_scale
         pixels = prepare_pixels(images, self.transform, param.device, param.dtype)
         tokens = self.tokenizer(prompts).to(param.device)

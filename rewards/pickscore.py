@@ -23,12 +23,11 @@ from diffalign.errors import DiffalignError
 from diffalign.rewards.base import (
     ImageInput,
     PromptInput,
-    check_prompts,
+    check_batch,
     check_scores,
     clip_crop_transform,
     freeze,
     hub_offline,
-    num_images,
     prepare_pixels,
 )
 
@@ -133,7 +132,7 @@ class PickScoreReward(nn.Module):
         return cls(freeze(model, device, dtype), tokenizer, name=name, **image_cfg).eval()
 
     def score(self, images: ImageInput, prompts: PromptInput) -> Tensor:
-        prompts = check_prompts(prompts, num_images(images))
+        prompts = check_batch(images, prompts)
         param = self.model.logit_scale
         pixels = prepare_pixels(images, self.transform, param.device, param.dtype)
         image_features, text_features = hf_clip_features(self.model, self.tokenizer, pixels, prompts)
