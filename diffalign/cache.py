@@ -10,10 +10,11 @@ pixels every epoch, so they cannot be encoded ahead; a cached run trains on the 
 
 Layout of CACHE/<key>/:
     config.json                 what the key was made of, shard count, shard size
-    shard-00000.safetensors     latents (N, C, h, w) for the N images of its groups (best first),
-                                group_offsets (G+1,), scores (N,), caption_index (N,), index (G,),
-                                cond.<name> (U, ...) for the U unique captions of the shard;
-                                metadata: prompts and captions (JSON)
+    shard-00000.safetensors     latents (N, C, h, w) for the N images of its G groups (best first),
+                                group_offsets (G+1,), scores (N,), index (G,) (dataset index),
+                                cond.<name> (U, ...) for the U unique texts (prompts and per-image
+                                captions) of the shard, prompt_index (G,), caption_index (N,) into
+                                them; metadata: the texts (JSON)
     empty.safetensors           cond.<name> (1, ...) of the empty prompt, for caption dropout
     manifest.json               the finished shards (informative; a shard file exists only once
                                 it is complete, since it is written to a temp file and renamed)
@@ -131,8 +132,11 @@ def encode_shard(adapter: Encoder, dataset: GroupDataset, indices: range, *, bat
     latents = torch.cat(_encode_in_batches(
         lambda x: adapter.encode_images(x.to(device) if device is not None else x).cpu(), pixels, batch_size))
 
+    # Prompts and per-image captions: objectives condition on one or the other (dcpo).
+    prompts = [g["prompt"] for g in groups]
     captions = [c for g in groups for c in g["captions"]]
-    unique = list(dict.fromkeys(captions))  # first-appearance order: deterministic
+    unique = list(dict.fromkeys(prompts + captions))  # first-appearance order: deterministic
+    position = {text: i for i, text in enumerate(unique)}
     conds = _encode_in_batches(lambda p: adapter.encode_prompts(p), unique, batch_size)
     tensors = {f"cond.{name}": torch.cat([c[name].cpu() for c in conds]) for name in conds[0]}
 
@@ -141,11 +145,11 @@ def encode_shard(adapter: Encoder, dataset: GroupDataset, indices: range, *, bat
         "latents": latents,
         "group_offsets": torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)]),
         "scores": torch.cat([g["scores"] for g in groups]).float(),
-        "caption_index": torch.tensor([unique.index(c) for c in captions], dtype=torch.long),
+        "prompt_index": torch.tensor([position[p] for p in prompts], dtype=torch.long),
+        "caption_index": torch.tensor([position[c] for c in captions], dtype=torch.long),
         "index": torch.tensor(kept, dtype=torch.long),
     })
-    metadata = {"prompts": json.dumps([g["prompt"] for g in groups]), "captions": json.dumps(unique)}
-    return tensors, metadata
+    return tensors, {"texts": json.dumps(unique)}
 
 
 def _finished_shards(folder: Path, num_shards: int) -> list[int]:
@@ -197,7 +201,7 @@ def build_cache(adapter: Encoder, cfg: DataConfig, output_dir: str | Path, *, mo
                                          skipped=skipped)
         if not tensors:  # every group of the shard was bad: an empty shard keeps the numbering
             tensors = {"group_offsets": torch.zeros(1, dtype=torch.long)}
-            metadata = {"prompts": "[]", "captions": "[]"}
+            metadata = {"texts": "[]"}
         _save_atomic(tensors, _shard_path(folder, shard), metadata)
         _write_json_atomic({"finished": _finished_shards(folder, num_shards), "num_shards": num_shards},
                            folder / "manifest.json")
@@ -212,12 +216,34 @@ def build_cache(adapter: Encoder, cfg: DataConfig, output_dir: str | Path, *, mo
 # Reading
 
 
+class TextCondTable:
+    """The cached text embeddings of a batch: `table(texts) -> {name: (len(texts), ...)}`.
+
+    Holds every prompt and caption of the batch's groups plus the empty prompt (caption dropout),
+    so the training loop conditions exactly as it would with the text encoders.
+    """
+
+    def __init__(self, rows: dict[str, dict[str, torch.Tensor]]):
+        self.rows = rows
+
+    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        missing = [t for t in texts if t not in self.rows]
+        if missing:
+            raise DiffalignError(
+                f"text {missing[0]!r} is not in the latent cache of this batch: condition on the groups' prompts, "
+                "captions or the empty prompt, or train without --cache-latents"
+            )
+        names = self.rows[texts[0]].keys()
+        return {name: torch.stack([self.rows[t][name] for t in texts]) for name in names}
+
+
 class CachedDataset(torch.utils.data.Dataset):
     """Groups from a finished cache folder, in dataset order (bad groups left out).
 
     Item: {"latents": (K, C, h, w), "prompt", "captions" (K), "scores" (K,),
-           "cond": {name: (K, ...)}: each image's caption embedding}. `empty_cond` holds the
-    empty prompt's embedding {name: (1, ...)} for caption dropout. Batches via collate_groups.
+           "cond": {text: {name: tensor}} for the prompt, each caption and ""}.
+    `collate_groups` turns the items' "cond" into batch["cond_cache"], a TextCondTable.
+    `empty_cond` is the empty prompt's embedding {name: (1, ...)}.
     """
 
     def __init__(self, folder: str | Path):
@@ -236,12 +262,11 @@ class CachedDataset(torch.utils.data.Dataset):
                 "run the same `diffalign cache` command again to finish it"
             )
         self.items: list[tuple[int, int]] = []  # (shard, group within the shard)
-        self.texts: list[tuple[list[str], list[str]]] = []  # per shard: prompts, unique captions
+        self.texts: list[list[str]] = []  # per shard: its unique texts
         for shard in range(num_shards):
             with safe_open(str(_shard_path(self.folder, shard)), framework="pt") as f:
-                meta = f.metadata()
+                self.texts.append(json.loads(f.metadata()["texts"]))
                 n_groups = f.get_slice("group_offsets").get_shape()[0] - 1
-            self.texts.append((json.loads(meta["prompts"]), json.loads(meta["captions"])))
             self.items += [(shard, g) for g in range(n_groups)]
         with safe_open(str(self.folder / "empty.safetensors"), framework="pt") as f:
             self.empty_cond = {k.removeprefix("cond."): f.get_tensor(k) for k in f.keys()}
@@ -268,19 +293,42 @@ class CachedDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         shard, g = self.items[index]
         f = self._shard(shard)
-        offsets = f.get_slice("group_offsets")[g : g + 2].tolist()
-        a, b = offsets
-        caption_index = f.get_slice("caption_index")[a:b].tolist()
-        cond_names = [k for k in f.keys() if k.startswith("cond.")]
-        prompts, captions = self.texts[shard]
+        a, b = f.get_slice("group_offsets")[g : g + 2].tolist()
+        prompt_row = int(f.get_slice("prompt_index")[g : g + 1])
+        caption_rows = f.get_slice("caption_index")[a:b].tolist()
+        texts = self.texts[shard]
+        names = [k for k in f.keys() if k.startswith("cond.")]
+        cond = {"": {k.removeprefix("cond."): v[0] for k, v in self.empty_cond.items()}}
+        for row in [prompt_row, *caption_rows]:
+            cond[texts[row]] = {k.removeprefix("cond."): f.get_slice(k)[row : row + 1][0] for k in names}
         return {
             "latents": f.get_slice("latents")[a:b],
-            "prompt": prompts[g],
-            "captions": [captions[i] for i in caption_index],
+            "prompt": texts[prompt_row],
+            "captions": [texts[r] for r in caption_rows],
             "scores": f.get_slice("scores")[a:b],
-            "cond": {k.removeprefix("cond."): torch.cat([f.get_slice(k)[i : i + 1] for i in caption_index])
-                     for k in cond_names},
+            "cond": cond,
         }
+
+
+def cached_dataset(cfg: DataConfig, adapter: Encoder, cache_dir: str | Path | None, *, accelerator=None,
+                   pairwise: bool = True, model_id: str | None = None, output_dir: str | Path | None = None,
+                   batch_size: int = 8) -> CachedDataset:
+    """Build (or finish) the cache of `cfg` for this model, each process its share, then open it.
+
+    cache_dir None: OUTPUT/../.diffalign-cache when output_dir is given, else ~/.cache/diffalign.
+    model_id: the --model string (default: the pipeline's name_or_path).
+    """
+    if cache_dir is None:
+        cache_dir = Path(output_dir).resolve().parent / ".diffalign-cache" if output_dir else Path.home() / ".cache" / "diffalign"
+    model_id = model_id or adapter.pipe.name_or_path
+    if not model_id:
+        raise DiffalignError("the latent cache is keyed by the model id: pass model_id (the --model string)")
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (None, None)
+    folder = build_cache(adapter, cfg, cache_dir, model_id=model_id, pairwise=pairwise, batch_size=batch_size,
+                         rank=rank, world_size=world)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return CachedDataset(folder)
 
 
 # ----------------------------------------------------------------------------------------------

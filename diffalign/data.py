@@ -685,16 +685,17 @@ def _stack(values: list[torch.Tensor], key: str) -> torch.Tensor:
 def collate_groups(items: list[dict]) -> dict:
     """Stack groups: pixels/latents (B, K, ...), prompts list[B], captions list[B][K], scores (B, K).
 
-    Dicts of tensors (the cache's per-image text conditioning) are stacked key by key.
+    Cached groups (diffalign.cache) also give batch["cond_cache"]: texts -> text embeddings.
     """
     batch = {}
     for key in items[0]:
         values = [item[key] for item in items]
-        if torch.is_tensor(values[0]):
-            out = _stack(values, key)
-        elif isinstance(values[0], dict):
-            out = {k: _stack([v[k] for v in values], f"{key}.{k}") for k in values[0]}
+        if key == "cond":  # the latent cache's text embeddings: one lookup table per batch
+            from diffalign.cache import TextCondTable
+
+            batch["cond_cache"] = TextCondTable({text: row for v in values for text, row in v.items()})
+        elif torch.is_tensor(values[0]):
+            batch[_BATCH_NAMES.get(key, key)] = _stack(values, key)
         else:
-            out = values
-        batch[_BATCH_NAMES.get(key, key)] = out
+            batch[_BATCH_NAMES.get(key, key)] = values
     return batch

@@ -61,14 +61,17 @@ def test_cached_groups_equal_direct_encoding(tmp_path, parquet):
         assert torch.allclose(got["latents"], adapter.encode_images(want["pixels"]), atol=1e-6)
         assert got["prompt"] == want["prompt"] and got["captions"] == want["captions"]
         assert torch.equal(got["scores"], want["scores"])
-        cond = adapter.encode_prompts(want["captions"])  # each image with its own caption
-        assert set(got["cond"]) == {"prompt_embeds", "pooled"}
-        assert all(torch.equal(got["cond"][k], cond[k]) for k in cond)
     assert torch.equal(cached.empty_cond["prompt_embeds"], adapter.encode_prompts([""])["prompt_embeds"])
     batch = collate_groups([cached[0], cached[1]])
     assert batch["latents"].shape == (2, 2, 4, 4, 4)
-    assert batch["cond"]["prompt_embeds"].shape == (2, 2, 3, 5)
     assert batch["prompts"] == [cached[0]["prompt"], cached[1]["prompt"]]
+    # The batch's text table answers for prompts, per-image captions and "" (caption dropout).
+    texts = [batch["prompts"][1], *batch["captions"][0], "", batch["captions"][1][1]]
+    table, direct_cond = batch["cond_cache"](texts), adapter.encode_prompts(texts)
+    assert table.keys() == direct_cond.keys()
+    assert all(torch.equal(table[k], direct_cond[k]) for k in table)
+    with pytest.raises(DiffalignError, match="not in the latent cache"):
+        batch["cond_cache"](["a prompt of another batch"])
 
 
 def shard_contents(folder):
@@ -135,3 +138,29 @@ def test_key_bad_images_and_streaming(tmp_path):
         build_cache(FakeAdapter(), cfg_for(path, strict=True), tmp_path / "strict", model_id="fake")
     with pytest.raises(DiffalignError, match="map-style"):
         build_cache(FakeAdapter(), cfg_for(path, streaming=True), tmp_path / "s", model_id="fake")
+
+
+def test_cli_with_a_tiny_sd_pipeline(tmp_path):
+    """`diffalign cache` through the real adapter: cached latents and texts equal direct encoding."""
+    from diffalign.cli import main
+    from diffalign.models import load_adapter
+    from diffalign.testing import save_tiny_pipeline
+
+    model = save_tiny_pipeline("sd", tmp_path / "tiny-sd")
+    rows = pickapic_rows(4, captions=True, size=(20, 16))
+    data = write_parquet(tmp_path / "p.parquet", rows)
+    out = tmp_path / "cache"
+    args = ["cache", "--model", str(model), "--dataset", str(data), "--output-dir", str(out),
+            "--resolution", "16", "--batch-size", "3", "--shard-size", "2"]
+    assert main(args) == 0
+    (folder,) = out.iterdir()
+    cached = CachedDataset(folder)
+    adapter = load_adapter(str(model))
+    direct = build_dataset(DataConfig(dataset=str(data), resolution=16, random_flip=False))
+    assert len(cached) == len(direct) == 3
+    for i in range(3):
+        got, want = cached[i], direct[i]
+        assert torch.allclose(got["latents"], adapter.encode_images(want["pixels"]), atol=1e-5)
+        table = collate_groups([got])["cond_cache"]([want["prompt"], *want["captions"], ""])
+        expected = adapter.encode_prompts([want["prompt"], *want["captions"], ""])
+        assert all(torch.allclose(table[k], expected[k], atol=1e-6) for k in expected)
