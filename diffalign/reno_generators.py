@@ -236,7 +236,9 @@ def _pixart(pipe, prompt, *, steps, guidance, timesteps, seed, height, width, de
     channels = transformer.config.in_channels
     shape = (1, channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     added = {"resolution": None, "aspect_ratio": None}
-    if transformer.config.sample_size == 128:  # PixArt-alpha 1024 takes size micro-conditions
+    # PixArt-alpha 1024 takes size micro-conditions (the pipeline tests sample_size == 128; the
+    # model's own flag is the same for real checkpoints and right for custom configs too).
+    if transformer.use_additional_conditions:
         batch = 2 if cfg else 1
         added = {
             "resolution": torch.tensor([[height, width]] * batch, dtype=embeds.dtype, device=device),
