@@ -113,7 +113,7 @@ def load_image(item: Any) -> Tensor:
             with Image.open(path) as img:
                 item = img.convert("RGB")
         except (OSError, SyntaxError, ValueError) as err:
-            raise DiffalignError(f"cannot read image {str(path)!r} ({err}): the file is corrupt or not an image") from None
+            raise DiffalignError(f"cannot read image {str(path)!r} ({type(err).__name__}): the file is corrupt or not an image") from None
     if not isinstance(item, Image.Image):
         raise DiffalignError(
             f"cannot score an image of type {type(item).__name__}: pass a tensor, PIL images or file paths"

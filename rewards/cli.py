@@ -1,0 +1,174 @@
+"""`diffalign score`: score images with one or several reward models.
+
+    diffalign score --reward pickscore,hpsv2.1 --prompt "a red bicycle" img1.png img2.png
+    diffalign score --reward hpsv2 --input pairs.jsonl --output scores.csv --path hpsv2=./weights
+
+`--input` is a JSONL or CSV file with `prompt` and `image` fields; relative image paths are
+taken relative to that file's folder. Scores print as a table and optionally go to CSV/JSONL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from diffalign.errors import DiffalignError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="*", help="image files to score (with --prompt)")
+    parser.add_argument("--reward", required=True, help="comma-separated reward names, e.g. pickscore,hpsv2.1")
+    parser.add_argument("--prompt", help="the prompt for every IMAGE")
+    parser.add_argument("--input", help="JSONL or CSV file with 'prompt' and 'image' fields")
+    parser.add_argument("--path", action="append", default=[], metavar="NAME=DIR",
+                        help="local weights for one reward (file or folder); repeatable")
+    parser.add_argument("--opt", action="append", default=[], metavar="NAME:KEY=VALUE",
+                        help="builder option for one reward, VALUE as JSON if it parses, e.g. hpsv2.1:scale=100")
+    parser.add_argument("--output", help="write the scores to this .csv or .jsonl file")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--dtype", default="fp32", help="fp32 (default), fp16 or bf16")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    parser.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning instead of failing")
+
+
+def parse_assignments(items: list[str], flag: str) -> dict[str, str]:
+    """["hpsv2=./w", ...] -> {"hpsv2": "./w"}."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise DiffalignError(f"{flag} {item!r} is malformed: write {flag} NAME=VALUE")
+        out[name] = value
+    return out
+
+
+def parse_options(items: list[str], names: list[str]) -> dict[str, dict[str, Any]]:
+    options: dict[str, dict[str, Any]] = {name: {} for name in names}
+    for item in items:
+        name, sep, assignment = item.partition(":")
+        key, eq, raw = assignment.partition("=")
+        if not sep or not eq or not key:
+            raise DiffalignError(f"--opt {item!r} is malformed: write --opt NAME:KEY=VALUE, e.g. hpsv2.1:scale=100")
+        if name not in options:
+            raise DiffalignError(f"--opt {item!r} names reward {name!r}, which is not in --reward {','.join(names)}")
+        try:
+            options[name][key] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[name][key] = raw  # a plain string such as a folder
+    return options
+
+
+def read_rows(args: argparse.Namespace) -> list[dict[str, str]]:
+    """(prompt, image path) rows from --input, or from --prompt and the positional images."""
+    if args.input and (args.images or args.prompt):
+        raise DiffalignError("give either --input FILE or --prompt with IMAGE files, not both")
+    if not args.input:
+        if not args.images or args.prompt is None:
+            raise DiffalignError("nothing to score: pass --prompt TEXT IMAGE... or --input FILE.jsonl|csv")
+        return [{"prompt": args.prompt, "image": image} for image in args.images]
+    path = Path(args.input)
+    if not path.is_file():
+        raise DiffalignError(f"input file {args.input!r} not found: check the path")
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    elif path.suffix == ".csv":
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        raise DiffalignError(f"input file {args.input!r} has an unknown format: use .jsonl or .csv")
+    for i, row in enumerate(rows):
+        if "prompt" not in row or "image" not in row:
+            raise DiffalignError(f"row {i + 1} of {args.input!r} lacks 'prompt' or 'image': both columns are required")
+    if not rows:
+        raise DiffalignError(f"input file {args.input!r} has no rows: add prompt,image rows")
+    return [{"prompt": str(r["prompt"]), "image": str(path.parent / r["image"])} for r in rows]
+
+
+def load_rows(rows: list[dict[str, str]], skip_bad: bool) -> tuple[list[dict[str, str]], list[Any]]:
+    """Read every image once; an unreadable one fails, or is skipped with a warning."""
+    from diffalign.rewards.base import load_image
+
+    kept, images = [], []
+    for row in rows:
+        try:
+            images.append(load_image(row["image"]))
+        except DiffalignError as err:
+            if not skip_bad:
+                raise DiffalignError(f"{err} (pass --skip-bad to skip such images)") from None
+            warnings.warn(f"skipping {row['image']}: {err}", stacklevel=1)
+            continue
+        kept.append(row)
+    if not kept:
+        raise DiffalignError("no readable images left to score: check the image files")
+    return kept, images
+
+
+def score_all(rewards: dict[str, Any], images: list[Any], prompts: list[str], batch_size: int) -> dict[str, list[float]]:
+    import torch
+    from tqdm.auto import tqdm
+
+    scores: dict[str, list[float]] = {name: [] for name in rewards}
+    starts = range(0, len(images), batch_size)
+    with torch.no_grad():
+        for start in tqdm(starts, desc="scoring", unit="batch", disable=len(starts) < 2, file=sys.stderr):
+            batch, batch_prompts = images[start : start + batch_size], prompts[start : start + batch_size]
+            for name, reward in rewards.items():
+                scores[name].extend(reward.score(batch, batch_prompts).tolist())
+    return scores
+
+
+def format_table(records: list[dict[str, Any]], names: list[str]) -> str:
+    headers = ["image", "prompt", *names]
+    cells = [[str(Path(r["image"]).name), _shorten(r["prompt"], 40), *(f"{r[n]:.4f}" for n in names)] for r in records]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def write_output(path: str, records: list[dict[str, Any]], names: list[str]) -> None:
+    out = Path(path)
+    if out.suffix not in (".csv", ".jsonl"):
+        raise DiffalignError(f"--output {path!r} has an unknown format: use .csv or .jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".jsonl":
+        out.write_text("".join(json.dumps(r) + "\n" for r in records))
+        return
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["image", "prompt", *names])
+        writer.writeheader()
+        writer.writerows(records)
+
+
+def run(args: argparse.Namespace) -> int:
+    from diffalign.rewards import load_reward
+
+    names = [n.strip() for n in args.reward.split(",") if n.strip()]
+    if not names:
+        raise DiffalignError("--reward is empty: name at least one reward, e.g. --reward pickscore")
+    if args.batch_size < 1:
+        raise DiffalignError(f"--batch-size {args.batch_size} must be at least 1")
+    paths = parse_assignments(args.path, "--path")
+    unknown = sorted(set(paths) - set(names))
+    if unknown:
+        raise DiffalignError(f"--path names {', '.join(unknown)}, not in --reward {','.join(names)}: fix the name")
+    options = parse_options(args.opt, names)
+    rows, images = load_rows(read_rows(args), args.skip_bad)
+    rewards = {n: load_reward(n, path=paths.get(n), device=args.device, dtype=args.dtype, **options[n]) for n in names}
+    scores = score_all(rewards, images, [r["prompt"] for r in rows], args.batch_size)
+    records = [{**row, **{n: scores[n][i] for n in names}} for i, row in enumerate(rows)]
+    print(format_table(records, names))
+    if args.output:
+        write_output(args.output, records, names)
+        print(f"wrote {len(records)} rows to {args.output}")
+    return 0
