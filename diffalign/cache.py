@@ -216,34 +216,16 @@ def build_cache(adapter: Encoder, cfg: DataConfig, output_dir: str | Path, *, mo
 # Reading
 
 
-class TextCondTable:
-    """The cached text embeddings of a batch: `table(texts) -> {name: (len(texts), ...)}`.
-
-    Holds every prompt and caption of the batch's groups plus the empty prompt (caption dropout),
-    so the training loop conditions exactly as it would with the text encoders.
-    """
-
-    def __init__(self, rows: dict[str, dict[str, torch.Tensor]]):
-        self.rows = rows
-
-    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        missing = [t for t in texts if t not in self.rows]
-        if missing:
-            raise DiffalignError(
-                f"text {missing[0]!r} is not in the latent cache of this batch: condition on the groups' prompts, "
-                "captions or the empty prompt, or train without --cache-latents"
-            )
-        names = self.rows[texts[0]].keys()
-        return {name: torch.stack([self.rows[t][name] for t in texts]) for name in names}
-
-
 class CachedDataset(torch.utils.data.Dataset):
     """Groups from a finished cache folder, in dataset order (bad groups left out).
 
     Item: {"latents": (K, C, h, w), "prompt", "captions" (K), "scores" (K,),
-           "cond": {text: {name: tensor}} for the prompt, each caption and ""}.
-    `collate_groups` turns the items' "cond" into batch["cond_cache"], a TextCondTable.
-    `empty_cond` is the empty prompt's embedding {name: (1, ...)}.
+           "cond": {name: (K, ...)}        each image's caption embedding (the prompt's when the
+                                            data has no per-image captions),
+           "prompt_cond": {name: (...)}    the prompt's embedding,
+           "empty_cond": {name: (1, ...)}  the empty prompt's, for caption dropout}.
+    collate_groups stacks cond to (B, K, ...) and prompt_cond to (B, ...), and passes
+    empty_cond through as (1, ...).
     """
 
     def __init__(self, folder: str | Path):
@@ -298,37 +280,19 @@ class CachedDataset(torch.utils.data.Dataset):
         caption_rows = f.get_slice("caption_index")[a:b].tolist()
         texts = self.texts[shard]
         names = [k for k in f.keys() if k.startswith("cond.")]
-        cond = {"": {k.removeprefix("cond."): v[0] for k, v in self.empty_cond.items()}}
-        for row in [prompt_row, *caption_rows]:
-            cond[texts[row]] = {k.removeprefix("cond."): f.get_slice(k)[row : row + 1][0] for k in names}
+
+        def rows(indices: list[int]) -> dict[str, torch.Tensor]:
+            return {k.removeprefix("cond."): torch.cat([f.get_slice(k)[i : i + 1] for i in indices]) for k in names}
+
         return {
             "latents": f.get_slice("latents")[a:b],
             "prompt": texts[prompt_row],
             "captions": [texts[r] for r in caption_rows],
             "scores": f.get_slice("scores")[a:b],
-            "cond": cond,
+            "cond": rows(caption_rows),
+            "prompt_cond": {k: v[0] for k, v in rows([prompt_row]).items()},
+            "empty_cond": self.empty_cond,
         }
-
-
-def cached_dataset(cfg: DataConfig, adapter: Encoder, cache_dir: str | Path | None, *, accelerator=None,
-                   pairwise: bool = True, model_id: str | None = None, output_dir: str | Path | None = None,
-                   batch_size: int = 8) -> CachedDataset:
-    """Build (or finish) the cache of `cfg` for this model, each process its share, then open it.
-
-    cache_dir None: OUTPUT/../.diffalign-cache when output_dir is given, else ~/.cache/diffalign.
-    model_id: the --model string (default: the pipeline's name_or_path).
-    """
-    if cache_dir is None:
-        cache_dir = Path(output_dir).resolve().parent / ".diffalign-cache" if output_dir else Path.home() / ".cache" / "diffalign"
-    model_id = model_id or adapter.pipe.name_or_path
-    if not model_id:
-        raise DiffalignError("the latent cache is keyed by the model id: pass model_id (the --model string)")
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (None, None)
-    folder = build_cache(adapter, cfg, cache_dir, model_id=model_id, pairwise=pairwise, batch_size=batch_size,
-                         rank=rank, world_size=world)
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    return CachedDataset(folder)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -685,17 +685,19 @@ def _stack(values: list[torch.Tensor], key: str) -> torch.Tensor:
 def collate_groups(items: list[dict]) -> dict:
     """Stack groups: pixels/latents (B, K, ...), prompts list[B], captions list[B][K], scores (B, K).
 
-    Cached groups (diffalign.cache) also give batch["cond_cache"]: texts -> text embeddings.
+    Cached groups (diffalign.cache): cond (B, K, ...), prompt_cond (B, ...) stacked by name;
+    empty_cond (1, ...) passed through.
     """
     batch = {}
     for key in items[0]:
         values = [item[key] for item in items]
-        if key == "cond":  # the latent cache's text embeddings: one lookup table per batch
-            from diffalign.cache import TextCondTable
-
-            batch["cond_cache"] = TextCondTable({text: row for v in values for text, row in v.items()})
+        if key == "empty_cond":  # the latent cache's empty prompt: one for the whole batch
+            out = values[0]
         elif torch.is_tensor(values[0]):
-            batch[_BATCH_NAMES.get(key, key)] = _stack(values, key)
+            out = _stack(values, key)
+        elif isinstance(values[0], dict):  # the latent cache's text embeddings, stacked by name
+            out = {k: _stack([v[k] for v in values], f"{key}.{k}") for k in values[0]}
         else:
-            batch[_BATCH_NAMES.get(key, key)] = values
+            out = values
+        batch[_BATCH_NAMES.get(key, key)] = out
     return batch

@@ -65,13 +65,14 @@ def test_cached_groups_equal_direct_encoding(tmp_path, parquet):
     batch = collate_groups([cached[0], cached[1]])
     assert batch["latents"].shape == (2, 2, 4, 4, 4)
     assert batch["prompts"] == [cached[0]["prompt"], cached[1]["prompt"]]
-    # The batch's text table answers for prompts, per-image captions and "" (caption dropout).
-    texts = [batch["prompts"][1], *batch["captions"][0], "", batch["captions"][1][1]]
-    table, direct_cond = batch["cond_cache"](texts), adapter.encode_prompts(texts)
-    assert table.keys() == direct_cond.keys()
-    assert all(torch.equal(table[k], direct_cond[k]) for k in table)
-    with pytest.raises(DiffalignError, match="not in the latent cache"):
-        batch["cond_cache"](["a prompt of another batch"])
+    for i, item in enumerate([cached[0], cached[1]]):
+        per_image = adapter.encode_prompts(item["captions"])  # each image with its own caption
+        prompt = adapter.encode_prompts([item["prompt"]])
+        for name in ("prompt_embeds", "pooled"):
+            assert torch.equal(batch["cond"][name][i], per_image[name])
+            assert torch.equal(batch["prompt_cond"][name][i], prompt[name][0])
+    assert batch["cond"]["prompt_embeds"].shape == (2, 2, 3, 5)
+    assert torch.equal(batch["empty_cond"]["pooled"], adapter.encode_prompts([""])["pooled"])
 
 
 def shard_contents(folder):
@@ -161,6 +162,6 @@ def test_cli_with_a_tiny_sd_pipeline(tmp_path):
     for i in range(3):
         got, want = cached[i], direct[i]
         assert torch.allclose(got["latents"], adapter.encode_images(want["pixels"]), atol=1e-5)
-        table = collate_groups([got])["cond_cache"]([want["prompt"], *want["captions"], ""])
-        expected = adapter.encode_prompts([want["prompt"], *want["captions"], ""])
-        assert all(torch.allclose(table[k], expected[k], atol=1e-6) for k in expected)
+        expected = adapter.encode_prompts(want["captions"])
+        assert all(torch.allclose(got["cond"][k], expected[k], atol=1e-6) for k in expected)
+        assert got["captions"] == want["captions"] and got["prompt"] == want["prompt"]
