@@ -100,9 +100,8 @@ class TrainConfig:
     ema: bool = False
     """Keep an exponential moving average of the trainable weights and save it as the result."""
     ema_decay: float = 0.999
-    timestep_sampling: str = "auto"
-    """auto (uniform for DDPM models, logit-normal for flow models) | uniform | logit_normal."""
     logit_mean: float = 0.0
+    """Flow models: sigma ~ logit-normal(logit_mean, logit_std). DDPM models draw t uniformly."""
     logit_std: float = 1.0
     seed: int = 0
 

@@ -20,15 +20,20 @@ import torch
 
 
 def shared_noise_and_timesteps(
-    adapter, latents: torch.Tensor, generator: torch.Generator
+    adapter, latents: torch.Tensor, generator: torch.Generator, rows: slice | None = None, total: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """latents (B, K, C, h, w) -> noise (B, K, C, h, w) equal across K, and t (B,)."""
+    """latents (B, K, C, h, w) -> noise (B, K, C, h, w) equal across K, and t (B,).
+
+    `rows`: this process's slice of the global batch of `total` groups. Every process draws the
+    noise of the whole global batch from the same generator and keeps its rows, so N processes
+    with B groups each see exactly what one process with N*B groups sees.
+    """
     b, k = latents.shape[:2]
-    noise = torch.randn(
-        (b, 1, *latents.shape[2:]), generator=generator, device=generator.device, dtype=torch.float32
-    )
+    rows = rows or slice(0, b)
+    total = total or rows.stop
+    noise = torch.randn((total, 1, *latents.shape[2:]), generator=generator, dtype=torch.float32)[rows]
     noise = noise.to(latents.device).expand(b, k, *latents.shape[2:])
-    t = adapter.sample_timesteps(b, generator=generator).to(latents.device)
+    t = adapter.sample_timesteps(total, generator=generator)[rows].to(latents.device)
     return noise, t
 
 
@@ -73,13 +78,15 @@ def policy_and_reference_errors(
     cond: dict[str, torch.Tensor],
     generator: torch.Generator,
     reference: Callable[[], "torch.nn.Module"] | None,
+    rows: slice | None = None,
+    total: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Errors of the policy and (when `reference` is given) of the reference on shared noise.
 
     `reference` is a context-manager factory yielding the reference network (the same module
     with LoRA disabled, or a frozen copy). Returns (err, ref_err or None, t).
     """
-    noise, t = shared_noise_and_timesteps(adapter, latents, generator)
+    noise, t = shared_noise_and_timesteps(adapter, latents, generator, rows, total)
     ref_err = None
     if reference is not None:
         with torch.no_grad(), reference() as ref_model:

@@ -57,20 +57,25 @@ def quickstart_base(args) -> TrainConfig | None:
 
 # --------------------------------------------------------------------------- data order
 class GroupOrder:
-    """Seeded per-epoch permutation of the dataset, sharded over processes, resumable.
+    """Seeded per-epoch permutation of the dataset, split over processes, resumable.
 
-    Epoch e uses randperm(N, seed + e); process r takes positions r, r + W, ...; `start`
-    skips groups this process already consumed, so a resumed run sees the same data.
+    Epoch e uses randperm(N, seed + e), cut into global batches of world * batch_size groups;
+    process r takes rows [r*B, (r+1)*B) of each global batch, so N processes with B groups
+    see the same groups as one process with N*B. `start` skips the groups this process
+    already consumed, so a resumed run sees the same data.
     """
 
-    def __init__(self, n: int, seed: int, epoch: int, rank: int, world: int, start: int = 0):
-        self.n, self.seed, self.epoch, self.rank, self.world, self.start = n, seed, epoch, rank, world, start
+    def __init__(self, n: int, seed: int, epoch: int, rank: int, world: int, batch_size: int, start: int = 0):
+        self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
+        self.rank, self.world, self.batch_size = rank, world, batch_size
 
     def indices(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        perm = torch.randperm(self.n, generator=g).tolist()
-        usable = len(perm) - len(perm) % self.world  # equal shares keep processes in step
-        return perm[self.rank : usable : self.world][self.start :]
+        per_step = self.world * self.batch_size
+        steps = self.n // per_step
+        perm = torch.randperm(self.n, generator=g)[: steps * per_step]
+        mine = perm.view(steps, self.world, self.batch_size)[:, self.rank, :].reshape(-1)
+        return mine.tolist()[self.start :]
 
     def __iter__(self):
         return iter(self.indices())
@@ -79,10 +84,11 @@ class GroupOrder:
         return len(self.indices())
 
 
-def micro_step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
+def micro_step_generator(seed: int, micro_step: int) -> torch.Generator:
     """The noise/timestep/dropout RNG of one micro-step: a pure function of where we are, so
-    a resumed run draws exactly what the uninterrupted one would have."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + micro_step * 7_919 + rank * 104_729) % (2**63 - 1))
+    a resumed run draws exactly what the uninterrupted one would have. The same on every
+    process: each keeps its own rows of the global draw (see elbo.shared_noise_and_timesteps)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + micro_step * 7_919) % (2**63 - 1))
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -142,21 +148,26 @@ def weight_dtype_for(cfg: TrainConfig) -> torch.dtype:
 
 def setup_denoiser(cfg: TrainConfig, adapter, needs_ref: bool):
     """Make the denoiser trainable (LoRA or full) and return (params, reference factory)."""
-    from diffalign.models.lora import add_lora, reference_factory
+    from functools import partial
+
+    from diffalign.models.lora import add_lora, frozen_copy, reference
 
     denoiser = adapter.denoiser
     denoiser.requires_grad_(False)
+    ref = None
     if cfg.full_finetune:
         denoiser.to(torch.float32)
         # The frozen copy must be taken before training touches the weights.
-        ref = reference_factory(denoiser, lora=False, offload=cfg.offload_reference) if needs_ref else None
+        if needs_ref:
+            ref = partial(reference, denoiser, frozen_copy(denoiser, offload=cfg.offload_reference))
         denoiser.requires_grad_(True)
     else:
-        add_lora(denoiser, rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets)
+        add_lora(denoiser, rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets, family=adapter.family)
         for p in denoiser.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
-        ref = reference_factory(denoiser, lora=True) if needs_ref else None
+        if needs_ref:
+            ref = partial(reference, denoiser)
     if cfg.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     denoiser.train()
@@ -164,10 +175,16 @@ def setup_denoiser(cfg: TrainConfig, adapter, needs_ref: bool):
     return params, ref
 
 
-def encode_batch(adapter, batch: dict, cfg: TrainConfig, uses_captions: bool, generator: torch.Generator, device):
+def caption_dropout_mask(cfg: TrainConfig, generator: torch.Generator, rows: slice, total: int) -> torch.Tensor:
+    """Which groups of this process train on the empty prompt, drawn over the global batch."""
+    return (torch.rand(total, generator=generator) < cfg.caption_dropout)[rows]
+
+
+def encode_batch(adapter, batch: dict, cfg: TrainConfig, uses_captions: bool, generator: torch.Generator, device,
+                 rows: slice, total: int):
     """Latents (B, K, C, h, w) and conditioning for B*K images, group-major."""
-    if "latents" in batch:  # from the latent cache: no VAE in the loop
-        latents = batch["latents"].to(device)
+    if "latents" in batch:  # from the latent cache: no VAE and no text encoder in the loop
+        return cached_inputs(batch, cfg, uses_captions, generator, device, rows, total)
     else:
         pixels = batch["pixels"].to(device)
         b, k = pixels.shape[:2]
@@ -177,33 +194,66 @@ def encode_batch(adapter, batch: dict, cfg: TrainConfig, uses_captions: bool, ge
     b, k = latents.shape[:2]
     texts = [list(c) if uses_captions else [p] * k for p, c in zip(batch["prompts"], batch["captions"])]
     if cfg.caption_dropout > 0:
-        drop = torch.rand(b, generator=generator) < cfg.caption_dropout
+        drop = caption_dropout_mask(cfg, generator, rows, total)
         texts = [[""] * k if d else t for d, t in zip(drop.tolist(), texts)]
     flat_texts = [t for group in texts for t in group]
-    cond = encode_texts(adapter, flat_texts, batch.get("cond_cache"))
+    cond = encode_texts(adapter, flat_texts)
     return latents, {key: value.to(device) for key, value in cond.items()}
 
 
-def encode_texts(adapter, texts: list[str], cond_cache=None) -> dict[str, torch.Tensor]:
+def cached_inputs(batch: dict, cfg: TrainConfig, uses_captions: bool, generator: torch.Generator, device, rows: slice,
+                  total: int):
+    """Latents and per-image conditioning straight from the cache (caption dropout included)."""
+    latents = batch["latents"].to(device)
+    b, k = latents.shape[:2]
+    if not uses_captions and any(c != p for p, cs in zip(batch["prompts"], batch["captions"]) for c in cs):
+        raise DiffalignError(
+            "the latent cache holds per-image captions but this method conditions on the prompt: "
+            "train without --cache-latents, or use --method dcpo"
+        )
+    cond = {key: value.flatten(0, 1) for key, value in batch["cond"].items()}  # (B*K, ...)
+    if cfg.caption_dropout > 0:
+        drop = caption_dropout_mask(cfg, generator, rows, total).repeat_interleave(k)
+        empty = batch["empty_cond"]
+        cond = {key: torch.where(drop.view(-1, *[1] * (v.ndim - 1)), empty[key].to(v.dtype), v) for key, v in cond.items()}
+    return latents, {key: value.to(device) for key, value in cond.items()}
+
+
+def encode_texts(adapter, texts: list[str]) -> dict[str, torch.Tensor]:
     """Encode each distinct text once, then gather one row per image."""
     unique = list(dict.fromkeys(texts))
-    if cond_cache is not None:
-        table = cond_cache(unique)
-    else:
-        with torch.no_grad():
-            table = adapter.encode_prompts(unique)
+    with torch.no_grad():
+        table = adapter.encode_prompts(unique)
     index = torch.tensor([unique.index(t) for t in texts])
     return {key: value.index_select(0, index.to(value.device)) for key, value in table.items()}
 
 
+def compute_loss(adapter, denoiser, batch: dict, cfg: TrainConfig, objective, hparams: dict, reference,
+                 generator: torch.Generator, device, rows: slice | None = None, total: int | None = None):
+    """One micro-step's objective: encode -> policy/reference errors -> loss. Returns (loss, metrics).
+
+    rows/total: this process's share of the global batch (default: all of it)."""
+    from diffalign.elbo import policy_and_reference_errors
+
+    b = len(batch["prompts"])
+    rows = rows or slice(0, b)
+    total = total or rows.stop
+    latents, cond = encode_batch(adapter, batch, cfg, objective.USES_IMAGE_CAPTIONS, generator, device, rows, total)
+    err, ref_err, _ = policy_and_reference_errors(adapter, denoiser, latents, cond, generator, reference, rows, total)
+    scores = batch["scores"].to(err.device) if batch.get("scores") is not None else None
+    losses, metrics = objective.loss(err, ref_err, scores=scores, num_timesteps=adapter.num_train_timesteps, **hparams)
+    return losses.mean(), metrics
+
+
 # --------------------------------------------------------------------------- the loop
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, pipeline=None) -> dict:
+    """Run training as configured. `pipeline`: an already-loaded diffusers pipeline to train
+    instead of loading `cfg.model` (for notebooks and tests)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     from diffalign import checkpoint as ckpt
-    from diffalign.elbo import policy_and_reference_errors
     from diffalign.models import load_adapter
     from diffalign.models.lora import set_attention
 
@@ -218,13 +268,14 @@ def train(cfg: TrainConfig) -> dict:
     set_seed(cfg.seed)
     main = accelerator.is_main_process
 
-    adapter = load_adapter(cfg.model, device=accelerator.device, dtype=weight_dtype_for(cfg))
+    adapter = load_adapter(pipeline if pipeline is not None else cfg.model, device=accelerator.device,
+                           dtype=weight_dtype_for(cfg))
+    if adapter.prediction_type == "flow":  # sigma ~ logit-normal(mean, std)
+        adapter.logit_mean, adapter.logit_std = cfg.logit_mean, cfg.logit_std
     overrides = dict(cfg.objective)
     if cfg.beta is not None:
         overrides["beta"] = cfg.beta
     hparams = resolve_hparams(cfg.method, adapter.prediction_type, overrides)
-    if cfg.timestep_sampling != "auto":
-        adapter.configure_timesteps(cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std)
     attention = set_attention(adapter.denoiser, cfg.attention)
 
     dataset = build_training_data(cfg, adapter, accelerator, objective)
@@ -235,6 +286,7 @@ def train(cfg: TrainConfig) -> dict:
         group["lr"] = lr
     scheduler = build_scheduler(cfg, optimizer)
     ema = build_ema(cfg, params)
+    register_trainable_checkpointing(accelerator)
     denoiser, optimizer = accelerator.prepare(adapter.denoiser, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     if ema is not None:
@@ -257,6 +309,9 @@ def train(cfg: TrainConfig) -> dict:
     stop = install_stop_handler()
     progress = tqdm(total=cfg.max_steps, initial=state["step"], disable=not main, desc=cfg.method, dynamic_ncols=True)
     window: list[dict] = []
+    rank = accelerator.process_index
+    rows = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)  # this process's rows of a global batch
+    global_batch = cfg.batch_size * accelerator.num_processes
     step_start = time.perf_counter()
     interrupted = False
 
@@ -269,7 +324,8 @@ def train(cfg: TrainConfig) -> dict:
 
     while state["step"] < cfg.max_steps and not interrupted:
         order = GroupOrder(
-            len(dataset), cfg.seed, state["epoch"], accelerator.process_index, accelerator.num_processes, state["consumed"]
+            len(dataset), cfg.seed, state["epoch"], accelerator.process_index, accelerator.num_processes,
+            cfg.batch_size, state["consumed"],
         )
         if len(order) < cfg.batch_size:
             if state["consumed"] == 0:
@@ -279,24 +335,21 @@ def train(cfg: TrainConfig) -> dict:
                 )
             state["epoch"], state["consumed"] = state["epoch"] + 1, 0
             continue
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(state["epoch"])
         loader = DataLoader(
             dataset, batch_size=cfg.batch_size, sampler=list(order), collate_fn=collate_groups,
             num_workers=cfg.num_workers, drop_last=True,
         )
         for batch in loader:
+            batch["empty_cond"] = getattr(dataset, "empty_cond", None)
             micro = state["step"] * cfg.grad_accum + len(window)
-            generator = micro_step_generator(cfg.seed, micro, accelerator.process_index)
-            with accelerator.accumulate(denoiser):
-                latents, cond = encode_batch(
-                    adapter, batch, cfg, objective.USES_IMAGE_CAPTIONS, generator, accelerator.device
+            generator = micro_step_generator(cfg.seed, micro)
+            with accelerator.accumulate(denoiser), accelerator.autocast():
+                loss, metrics = compute_loss(
+                    adapter, denoiser, batch, cfg, objective, hparams, reference, generator, accelerator.device, rows,
+                    global_batch,
                 )
-                with accelerator.autocast():
-                    err, ref_err, _ = policy_and_reference_errors(adapter, denoiser, latents, cond, generator, reference)
-                scores = batch["scores"].to(err.device) if batch.get("scores") is not None else None
-                losses, metrics = objective.loss(
-                    err, ref_err, scores=scores, num_timesteps=adapter.num_train_timesteps, **hparams
-                )
-                loss = losses.mean()
                 if not torch.isfinite(loss):
                     raise_non_finite(loss, state, save, main)
                 accelerator.backward(loss)
@@ -370,11 +423,41 @@ def build_training_data(cfg: TrainConfig, adapter, accelerator, objective):
         streaming=cfg.streaming, strict=cfg.strict, max_samples=cfg.max_samples, seed=cfg.seed,
     )
     pairwise = cfg.method not in ("rankdpo",)
-    if cfg.cache_latents:
-        from diffalign.cache import cached_dataset
+    if not cfg.cache_latents:
+        return build_dataset(data_cfg, pairwise=pairwise)
+    from diffalign.cache import CachedDataset, build_cache
 
-        return cached_dataset(data_cfg, adapter, cfg.cache_dir, accelerator=accelerator, pairwise=pairwise)
-    return build_dataset(data_cfg, pairwise=pairwise)
+    cache_root = cfg.cache_dir or str(Path(cfg.output_dir) / "latent-cache")
+    folder = build_cache(adapter, data_cfg, cache_root, model_id=str(cfg.model), pairwise=pairwise,
+                         device=accelerator.device, rank=accelerator.process_index, world_size=accelerator.num_processes)
+    accelerator.wait_for_everyone()
+    return CachedDataset(folder)
+
+
+def register_trainable_checkpointing(accelerator) -> None:
+    """Checkpoints hold only the trainable weights (LoRA: megabytes, not the whole UNet)."""
+    from safetensors.torch import load_file, save_file
+
+    def save_hook(models, weights, output_dir):
+        for i, model in enumerate(models):
+            trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+            save_file(trainable, str(Path(output_dir) / f"trainable_{i}.safetensors"))
+        weights.clear()  # accelerate would otherwise write every weight of the model
+
+    def load_hook(models, input_dir):
+        for i, model in enumerate(list(models)):
+            state = load_file(str(Path(input_dir) / f"trainable_{i}.safetensors"))
+            missing = set(state) - {n for n, _ in model.named_parameters()}
+            if missing:
+                raise DiffalignError(
+                    f"checkpoint {input_dir} does not fit this model ({len(missing)} unknown weights, e.g. "
+                    f"{sorted(missing)[0]}): resume with the same --model, --lora-rank and --full-finetune settings"
+                )
+            model.load_state_dict(state, strict=False)
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
 
 
 def summarise(loss: torch.Tensor, metrics: dict, accelerator) -> dict:
@@ -435,7 +518,7 @@ def save_final_weights(cfg: TrainConfig, adapter, denoiser, out: Path) -> None:
     else:
         from diffalign.models.lora import save_lora
 
-        save_lora(denoiser, str(out), adapter)
+        save_lora(denoiser, str(out), adapter.family)
 
 
 def run_validation(cfg: TrainConfig, adapter, out: Path, step: int) -> None:
