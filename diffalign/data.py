@@ -522,7 +522,9 @@ class StreamingGroups(torch.utils.data.IterableDataset):
     continues with group n+1. Skipping decodes (without transforming) the skipped groups' images,
     so a corrupt image is judged exactly as in the first pass.
     With DataLoader workers, call `skip(n, batch_size=B)`: the DataLoader takes batches from the
-    workers in turn, so each worker skips its share of the n groups.
+    workers in turn, so each worker skips its share of the n groups. No group is then repeated
+    or lost, but a new DataLoader starts with worker 0, so the batches after the resume point
+    come in a rotated worker order (bit-exact order needs num_workers=0).
     """
 
     def __init__(self, rows: Callable[[int, int, int], Iterator[_Group]], cfg: DataConfig, pairwise: bool,
@@ -554,7 +556,7 @@ class StreamingGroups(torch.utils.data.IterableDataset):
         self.skip(int(state["consumed"]))
 
     def _my_skip(self, worker: int, workers: int) -> int:
-        if workers == 1:
+        if workers == 1 or self._skip == 0:
             return self._skip
         if self._skip_batch is None:
             raise DiffalignError("resuming a stream read by several DataLoader workers needs skip(n, batch_size=B)")
