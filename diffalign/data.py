@@ -264,7 +264,8 @@ class GroupDataset(torch.utils.data.Dataset):
         self.keep = keep
         self.cfg = cfg
         self.epoch = 0
-        self.skipped = SkipCounter(cfg.strict)
+        self.skipped = SkipCounter(cfg.strict)  # distinct bad groups met by this process (worker)
+        self.bad: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.keep)
@@ -285,9 +286,13 @@ class GroupDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         for step in range(len(self.keep)):
+            i = (index + step) % len(self.keep)
+            if i in self.bad:  # known bad: neither decoded nor counted again
+                continue
             try:
-                return self.load((index + step) % len(self.keep))
+                return self.load(i)
             except _BadImage as err:
+                self.bad.add(i)
                 self.skipped.record(err)
         raise DiffalignError(f"every group of {self.cfg.dataset!r} has a missing or corrupt image: check the dataset")
 
