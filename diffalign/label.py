@@ -33,6 +33,7 @@ Dual captions (DCPO): `--captions caption|perturb|hybrid` adds caption_0/caption
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import json
 import os
@@ -45,15 +46,6 @@ from diffalign.errors import DiffalignError
 
 RANK_BY = ("avg-rank", "weighted")
 PAIRS = ("best-worst", "margin")
-
-# Rewards registered from Python (tests, notebooks): name -> callable(images, prompts) -> Tensor[B].
-CUSTOM_REWARDS: dict[str, Callable] = {}
-
-
-def register_reward(name: str, fn: Callable) -> None:
-    """Make `fn(images (B, 3, H, W) in [0, 1], prompts list[str]) -> Tensor[B]` usable as --reward name."""
-    CUSTOM_REWARDS[name] = fn
-
 
 @dataclass
 class LabelConfig:
@@ -83,7 +75,8 @@ class LabelConfig:
         keep = ("model", "prompts", "rewards", "num_images", "seed", "batch_size", "steps", "guidance",
                 "resolution", "rank_by", "weights", "dtype")
         out = {k: v for k, v in asdict(self).items() if k in keep}
-        out["prompts"] = str(Path(self.prompts).resolve()) if Path(self.prompts).exists() else self.prompts
+        # The prompt list itself, not the file's path: moving the file is fine, editing it is not.
+        out["prompts"] = hashlib.sha256("\n".join(read_prompts(self.prompts)).encode()).hexdigest()
         return out
 
 
@@ -142,23 +135,21 @@ def load_pipeline(model: str, device: str | None, dtype: str):
 
 
 def load_scorers(names: list[str], device: str | None) -> dict[str, Callable]:
-    """name -> callable(images, prompts) -> Tensor[B]: registered callables, "module:attr", or
-    a reward from diffalign.rewards."""
+    """name -> callable(images, prompts) -> Tensor[B]. A name is a reward of diffalign.rewards
+    (built-in, or added with `diffalign.rewards.register_reward`), or "module:function" naming a
+    plain callable `(images (B, 3, H, W) in [0, 1], prompts) -> Tensor[B]`."""
+    from diffalign.rewards import REWARDS, load_reward
+
     scorers = {}
     for name in names:
-        if name in CUSTOM_REWARDS:
-            scorers[name] = CUSTOM_REWARDS[name]
-        elif ":" in name:
+        if name not in REWARDS and ":" in name:
             module, attr = name.split(":", 1)
             try:
                 scorers[name] = getattr(importlib.import_module(module), attr)
             except (ImportError, AttributeError) as err:
                 raise DiffalignError(f"cannot import reward {name!r} ({err}): write module:function") from None
         else:
-            from diffalign.rewards import load_reward
-
-            reward = load_reward(name, device=device)
-            scorers[name] = reward.score
+            scorers[name] = load_reward(name, device=device).score
     return scorers
 
 
@@ -417,14 +408,16 @@ def label(cfg: LabelConfig, pipe=None) -> dict[str, Any]:
     _check_run(out, cfg)
     todo = [c for c in chunks(len(prompts), cfg.num_images, cfg.batch_size) if not all(_row_path(out, p).exists() for p in c)]
     timing = {"generate": 0.0, "reward": 0.0}
-    made = 0
+    made, wall = 0, 0.0
     if todo:
         pipe = pipe if pipe is not None else load_pipeline(cfg.model, cfg.device, cfg.dtype)
         scorers = load_scorers(cfg.rewards, cfg.device)
+        wall_start = time.perf_counter()
         with tqdm(total=sum(len(c) for c in todo), desc="label", unit="prompt") as bar:
             for chunk in todo:
                 made += label_chunk(pipe, scorers, prompts, chunk, cfg, out, timing)
                 bar.update(len(chunk))
+        wall = time.perf_counter() - wall_start  # generation, scoring and writing rows; not model loading
     rows = read_rows(out)
     ranked = write_ranked(out, rows)
     records = pair_records(out, rows, cfg)
@@ -434,14 +427,14 @@ def label(cfg: LabelConfig, pipe=None) -> dict[str, Any]:
         records = caption_pairs(records, cfg.captions, captioner=cfg.captioner, paraphraser=cfg.paraphraser,
                                 seed=cfg.seed, device=cfg.device)
     pairs = write_pairs(out, records)
-    total = timing["generate"] + timing["reward"]
     stats = {
         "prompts_labelled": made,
         "images": made * cfg.num_images,
         "seconds_generate": timing["generate"],
         "seconds_reward": timing["reward"],
-        "images_per_second": made * cfg.num_images / total if total > 0 else None,
-        "reward_share": timing["reward"] / total if total > 0 else None,
+        "seconds_wall": wall,
+        "images_per_second": made * cfg.num_images / wall if made else None,
+        "reward_share": timing["reward"] / wall if made else None,
         "rows": len(rows),
         "num_pairs": len(records),
     }

@@ -9,6 +9,7 @@ from conftest import brightness, redness
 
 from diffalign import label as lab
 from diffalign.errors import DiffalignError
+from diffalign.rewards import REWARDS, register_reward
 
 
 def make_cfg(prompts_file, out, **kw):
@@ -20,11 +21,11 @@ def make_cfg(prompts_file, out, **kw):
 
 @pytest.fixture(autouse=True)
 def registered_rewards():
-    lab.register_reward("test-red", redness)
-    lab.register_reward("test-bright", brightness)
+    register_reward("test-red", redness, overwrite=True)
+    register_reward("test-bright", brightness, overwrite=True)
     yield
     for name in ("test-red", "test-bright", "test-flaky"):
-        lab.CUSTOM_REWARDS.pop(name, None)
+        REWARDS.pop(name, None)
 
 
 def test_win_fractions_and_ranks_by_hand():
@@ -92,11 +93,11 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny_sd, prompts_fil
             raise KeyboardInterrupt
         return redness(images, prompts)
 
-    lab.register_reward("test-red", flaky)
+    register_reward("test-red", flaky, overwrite=True)
     with pytest.raises(KeyboardInterrupt):
         lab.label(make_cfg(prompts_file, tmp_path / "cut"), pipe=tiny_sd)
     assert len(list((tmp_path / "cut" / "rows").glob("*.json"))) == 3
-    lab.register_reward("test-red", redness)
+    register_reward("test-red", redness, overwrite=True)
     result = lab.label(make_cfg(prompts_file, tmp_path / "cut"), pipe=tiny_sd)
     assert result["prompts_labelled"] == 2
     assert (tmp_path / "cut/ranked.jsonl").read_text() == (tmp_path / "full/ranked.jsonl").read_text()
@@ -149,7 +150,7 @@ def test_bad_settings_raise_clear_errors(prompts_file, tmp_path, change, message
         lab.label(make_cfg(prompts_file, tmp_path / "x", **change), pipe=object())
 
 
-def test_bad_prompt_files_and_nan_rewards(tiny_sd, tmp_path):
+def test_bad_prompt_files_and_nan_rewards(tiny_sd, tmp_path, monkeypatch):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     with pytest.raises(DiffalignError, match="no prompts"):
@@ -158,8 +159,15 @@ def test_bad_prompt_files_and_nan_rewards(tiny_sd, tmp_path):
         lab.read_prompts(str(tmp_path / "missing.txt"))
     with pytest.raises(DiffalignError, match="NaN"):
         lab.rank_images({"r": [0.1, float("nan")]}, "avg-rank", None)
-    lab.register_reward("test-flaky", lambda images, prompts: torch.zeros(1))
     one = tmp_path / "one.txt"
     one.write_text("a red circle\n")
-    with pytest.raises(DiffalignError, match="one score per image"):
+    register_reward("test-flaky", lambda images, prompts: torch.zeros(1), overwrite=True)
+    with pytest.raises(DiffalignError, match="1 scores for 3 images"):
         lab.label(make_cfg(one, tmp_path / "y", rewards=["test-flaky"]), pipe=tiny_sd)
+    # "module:function" rewards are plain callables: label checks their output itself.
+    (tmp_path / "my_rewards.py").write_text("import torch\ndef short(images, prompts):\n    return torch.zeros(1)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(DiffalignError, match="one score per image"):
+        lab.label(make_cfg(one, tmp_path / "z", rewards=["my_rewards:short"]), pipe=tiny_sd)
+    with pytest.raises(DiffalignError, match="module:function"):
+        lab.label(make_cfg(one, tmp_path / "w", rewards=["my_rewards:missing"]), pipe=tiny_sd)

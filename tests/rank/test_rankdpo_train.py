@@ -8,6 +8,7 @@ import torch
 from conftest import redness
 
 from diffalign import label as lab
+from diffalign.rewards import REWARDS, register_reward
 
 
 def test_rankdpo_trains_on_labelled_ranked_lists(tiny_sd, tiny_sd_dir, tmp_path):
@@ -19,12 +20,12 @@ def test_rankdpo_trains_on_labelled_ranked_lists(tiny_sd, tiny_sd_dir, tmp_path)
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n")
-    lab.register_reward("test-red-train", redness)
+    register_reward("test-red-train", redness, overwrite=True)
     try:
         lab.label(lab.LabelConfig(model="unused", prompts=str(prompts), output=str(tmp_path / "syn"),
                                   rewards=["test-red-train"], num_images=3, steps=2, resolution=32), pipe=tiny_sd)
     finally:
-        lab.CUSTOM_REWARDS.pop("test-red-train")
+        REWARDS.pop("test-red-train")
     row = json.loads((tmp_path / "syn" / "ranked.jsonl").read_text())
     psi = row["scores"]
     assert psi == [1.0, 0.5, 0.0]
