@@ -4,8 +4,8 @@ Every component is built from a config after `torch.manual_seed(seed)`, at the s
 uses in its own pipeline tests (`get_dummy_components`), so a whole pipeline builds in well under
 a second and runs on the CPU. Nothing touches the model hub:
 
-- CLIP tokenizers come from `diffalign.rewards.clip_tokenizer.write_clip_tokenizer` (the real
-  49408-token CLIP vocabulary, written offline), so the text encoders use `vocab_size=49408`.
+- CLIP tokenizers are CLIP's real BPE (from `diffalign.rewards.clip_tokenizer`, offline) cut
+  to its first 1000 merges: 1514 tokens, so they load fast and the text encoders stay tiny.
 - T5 has no offline tokenizer here, so a CLIP tokenizer folder stands in for T5's
   (`tokenizer_2` of FLUX, `tokenizer_3` of SD3, `tokenizer` of PixArt). The pipelines only call
   it with `padding="max_length", max_length=..., truncation=True`, which any tokenizer serves;
@@ -31,9 +31,6 @@ FAMILIES = ("sd", "sdxl", "sd3", "flux", "pixart")
 # Pixel resolution the tiny pipelines are meant for (latent = pixels / vae scale factor).
 TINY_RESOLUTION = {"sd": 32, "sdxl": 32, "sd3": 32, "flux": 32, "pixart": 16}
 
-CLIP_VOCAB_SIZE = 49408
-CLIP_BOS, CLIP_EOS = 49406, 49407
-
 # Named variants covering every code path of the adapters: id -> (family, tiny_pipeline options).
 TINY_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "sd-eps": ("sd", {}),
@@ -47,18 +44,53 @@ TINY_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "pixart-alpha-eps-microcond": ("pixart", {"alpha": True, "learn_sigma": False, "use_additional_conditions": True}),
 }
 
+# The tiny pipelines use CLIP's BPE truncated to its first TINY_MERGES merges: the same
+# tokenization rules (any text still tokenizes, into shorter pieces), but a 1514-token vocabulary,
+# so tokenizers load in milliseconds and the tiny text encoders stay tiny.
+TINY_MERGES = 1000
+CLIP_VOCAB_SIZE = 2 * 256 + TINY_MERGES + 2
+CLIP_BOS, CLIP_EOS = CLIP_VOCAB_SIZE - 2, CLIP_VOCAB_SIZE - 1
+
 _TOKENIZER_CACHE: dict[str, Any] = {}
 
 
+def write_tiny_clip_tokenizer(out_dir: str | Path, num_merges: int = TINY_MERGES) -> Path:
+    """A transformers CLIPTokenizer folder with CLIP's first `num_merges` BPE merges."""
+    import json
+
+    from diffalign.rewards.clip_tokenizer import bytes_to_unicode, clip_vocab_and_merges
+
+    _, merges = clip_vocab_and_merges()
+    merges = merges[:num_merges]
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(tokens)}, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": 77,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "do_lower_case": True,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
 def tiny_clip_tokenizer():
-    """The offline CLIP tokenizer (loaded once per process, copied per pipeline)."""
+    """The offline tiny CLIP tokenizer (built once per process, copied per pipeline)."""
     if "clip" not in _TOKENIZER_CACHE:
         from transformers import CLIPTokenizer
 
-        from diffalign.rewards.clip_tokenizer import write_clip_tokenizer
-
-        folder = write_clip_tokenizer(Path(tempfile.mkdtemp(prefix="diffalign-clip-tok-")))
-        _TOKENIZER_CACHE["clip"] = CLIPTokenizer.from_pretrained(str(folder))
+        folder = write_tiny_clip_tokenizer(Path(tempfile.mkdtemp(prefix="diffalign-clip-tok-")))
+        tokenizer = CLIPTokenizer.from_pretrained(str(folder))
+        assert len(tokenizer) == CLIP_VOCAB_SIZE and tokenizer.eos_token_id == CLIP_EOS
+        _TOKENIZER_CACHE["clip"] = tokenizer
     return copy.deepcopy(_TOKENIZER_CACHE["clip"])
 
 

@@ -87,16 +87,22 @@ def load_adapter(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    from_pretrained_kwargs: dict[str, Any] | None = None,
     **options: Any,
 ) -> ModelAdapter:
     """Load `model` (hub id, local pipeline folder, or pipeline object) and wrap it.
 
+    `from_pretrained_kwargs` go to `DiffusionPipeline.from_pretrained`, e.g. `{"variant": "fp16"}`
+    or SD3 without T5: `{"text_encoder_3": None, "tokenizer_3": None}`.
     `options` go to the family's adapter, e.g. `logit_mean`/`logit_std` (flow families),
     `max_sequence_length` (T5 families), `guidance_scale` (FLUX with guidance embedding).
     The text encoders and the VAE are frozen; the denoiser's trainability is left to the caller
     (`diffalign.models.lora.add_lora`, or full fine-tuning).
     """
-    pipe = model if not isinstance(model, (str, Path)) else _load_pipeline(str(model), dtype)
+    if isinstance(model, (str, Path)):
+        pipe = _load_pipeline(str(model), dtype, from_pretrained_kwargs or {})
+    else:
+        pipe = model
     family = detect_family(pipe)
     pipe.to(torch.device(device))
     if pipe.dtype != dtype:  # casting when not needed only makes diffusers warn
@@ -135,7 +141,7 @@ def detect_family(pipe: Any) -> str:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def _load_pipeline(model: str, dtype: torch.dtype) -> DiffusionPipeline:
+def _load_pipeline(model: str, dtype: torch.dtype, kwargs: dict[str, Any]) -> DiffusionPipeline:
     from diffusers import DiffusionPipeline
 
     path = Path(model).expanduser()
@@ -148,7 +154,7 @@ def _load_pipeline(model: str, dtype: torch.dtype) -> DiffusionPipeline:
     else:
         raise DiffalignError(f"model {model!r} is neither an existing folder nor a hub id: check the path, or pass a hub id like 'owner/name'")
     try:
-        return DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
+        return DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, **kwargs)
     except (OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DiffalignError(

@@ -8,8 +8,9 @@
   fine-tuning, a `frozen_copy(denoiser)` made once at start (optionally kept on the CPU and
   moved in only while it runs, as the official SDXL DPO script offloads its reference).
 - `save_lora(denoiser, out_dir, family)` writes `pytorch_lora_weights.safetensors` that loads
-  with `pipe.load_lora_weights(out_dir)` (PixArt pipelines have no LoRA loader:
-  `pipe.transformer.load_lora_adapter(out_dir)`).
+  with `pipe.load_lora_weights(out_dir)`. PixArt has no diffusers LoRA loader (neither the
+  pipelines nor PixArtTransformer2DModel), so its LoRA is a peft state dict with the LoraConfig
+  in the file metadata, loaded by `load_lora(pipe.transformer, out_dir)`.
 - `set_attention(denoiser, "auto"|"xformers"|"sdpa")` picks the attention kernels and returns
   the name of the one that runs, for the training log.
 """
@@ -100,10 +101,32 @@ def add_lora(
     )
     denoiser.requires_grad_(False)
     try:
-        denoiser.add_adapter(config)
+        _inject(denoiser, config)
     except ValueError as exc:  # peft: none of the target modules exists in this network
         raise DiffalignError(f"LoRA target modules {list(target_modules)} do not match {type(denoiser).__name__} ({exc}): fix target_modules") from None
     return [p for p in denoiser.parameters() if p.requires_grad]
+
+
+def _inject(denoiser: nn.Module, config) -> None:
+    """Add the "default" LoRA adapter: diffusers' `add_adapter` where the model has it, else
+    peft's injection plus the `peft_config` attribute that peft's state-dict helpers read."""
+    from diffusers.loaders.peft import PeftAdapterMixin
+    from peft import inject_adapter_in_model
+
+    if isinstance(denoiser, PeftAdapterMixin):
+        denoiser.add_adapter(config)
+    else:  # PixArtTransformer2DModel
+        inject_adapter_in_model(config, denoiser, adapter_name="default")
+        denoiser.peft_config = {"default": config}
+
+
+def _set_lora_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch every LoRA layer on or off (what diffusers' disable_adapters does, for any model)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.enable_adapters(enabled)
 
 
 def frozen_copy(denoiser: nn.Module, offload: bool = False) -> nn.Module:
@@ -140,20 +163,27 @@ def reference(denoiser: nn.Module, ref_model: nn.Module | None = None) -> Iterat
         return
     if not has_lora(policy):
         raise DiffalignError("no reference: the denoiser has no LoRA adapter; add_lora(...) or pass ref_model=frozen_copy(denoiser)")
-    policy.disable_adapters()
+    _set_lora_enabled(policy, False)
     try:
         with torch.no_grad():
             yield policy
     finally:
-        policy.enable_adapters()
+        _set_lora_enabled(policy, True)
 
 
-def lora_state_dict(denoiser: nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRA weights in diffusers' key format (what `save_lora_weights` expects)."""
+def lora_state_dict(denoiser: nn.Module, family: str) -> dict[str, torch.Tensor]:
+    """The LoRA weights as diffusers' training scripts save them: UNet LoRA converted to
+    diffusers' key format, transformer LoRA as the plain peft state dict."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(_unwrap(denoiser)))
+    state = get_peft_model_state_dict(_unwrap(denoiser))
+    state = convert_state_dict_to_diffusers(state) if family in ("sd", "sdxl") else state
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+# The LoraConfig fields `save_lora` records for `load_lora` (all that `add_lora` sets).
+_CONFIG_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "init_lora_weights")
 
 
 def save_lora(denoiser: nn.Module, out_dir: str | Path, family: str) -> Path:
@@ -172,16 +202,50 @@ def save_lora(denoiser: nn.Module, out_dir: str | Path, family: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     metadata = model.peft_config["default"].to_dict()
     if family == "pixart":
-        model.save_lora_adapter(str(out), adapter_name="default", safe_serialization=True)
-        return out / "pytorch_lora_weights.safetensors"
+        return _save_peft_lora(model, out / "pytorch_lora_weights.safetensors")
     if family not in _LORA_SAVERS:
         raise DiffalignError(f"save_lora: unknown family {family!r}: use one of sd, sdxl, sd3, flux, pixart")
     class_name, part = _LORA_SAVERS[family]
-    state = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
+    state = lora_state_dict(model, family)
     getattr(diffusers, class_name).save_lora_weights(
         str(out), **{f"{part}_lora_layers": state, f"{part}_lora_adapter_metadata": metadata}, safe_serialization=True
     )
     return out / "pytorch_lora_weights.safetensors"
+
+
+def _save_peft_lora(model: nn.Module, path: Path) -> Path:
+    import json
+
+    from safetensors.torch import save_file
+
+    config = model.peft_config["default"]
+    fields = {name: getattr(config, name) for name in _CONFIG_FIELDS}
+    fields["target_modules"] = sorted(fields["target_modules"])
+    save_file(lora_state_dict(model, "pixart"), str(path), metadata={"lora_config": json.dumps(fields)})
+    return path
+
+
+def load_lora(denoiser: nn.Module, lora_dir: str | Path) -> None:
+    """Load a LoRA written by `save_lora(..., family="pixart")` into `denoiser` (frozen base)."""
+    import json
+
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(lora_dir) / "pytorch_lora_weights.safetensors"
+    if not path.is_file():
+        raise DiffalignError(f"no LoRA weights at {path}: pass the folder save_lora wrote")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if "lora_config" not in metadata:
+        raise DiffalignError(f"{path} has no lora_config metadata: it was not written by diffalign's save_lora; use pipe.load_lora_weights")
+    denoiser.requires_grad_(False)
+    _inject(denoiser, LoraConfig(**json.loads(metadata["lora_config"])))
+    result = set_peft_model_state_dict(denoiser, load_file(str(path)), adapter_name="default")
+    if result.unexpected_keys:
+        raise DiffalignError(f"LoRA {path} does not fit {type(denoiser).__name__} ({len(result.unexpected_keys)} unknown keys): load it into the model it was trained on")
 
 
 def _xformers_imports() -> bool:

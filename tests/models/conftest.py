@@ -32,7 +32,9 @@ def loaded_adapters(saved_pipelines):
 
     def get(variant):
         if variant not in cache:
-            cache[variant] = load_adapter(saved_pipelines(variant))
+            # a folder saved without T5 loads the way SD3 users drop T5
+            kwargs = {"text_encoder_3": None, "tokenizer_3": None} if variant == "sd3-no-t5" else None
+            cache[variant] = load_adapter(saved_pipelines(variant), from_pretrained_kwargs=kwargs)
         return cache[variant]
 
     return get

@@ -7,8 +7,7 @@ from diffalign.errors import DiffalignError
 from diffalign.models import load_adapter
 from diffalign.testing import TINY_RESOLUTION, TINY_VARIANTS
 
-# Families implemented so far (widened as adapters land).
-VARIANTS = {k: v for k, v in TINY_VARIANTS.items() if v[0] in ("sd",)}
+VARIANTS = TINY_VARIANTS
 
 ALL = list(VARIANTS)
 DDPM = [v for v in ALL if VARIANTS[v][0] in ("sd", "sdxl", "pixart")]
@@ -54,7 +53,7 @@ def test_encode_shapes(variant, loaded_adapters):
     # different prompts give different embeddings; the same prompt the same
     again = adapter.encode_prompts(["a red cube"])
     for key, value in cond.items():
-        assert torch.equal(value[:1], again[key])
+        torch.testing.assert_close(value[:1], again[key], atol=1e-5, rtol=1e-5)
     pixels = _images(adapter, 2)
     latents = adapter.encode_images(pixels)
     vae = adapter.pipe.vae
@@ -140,9 +139,38 @@ def test_predict_batch_equals_single(variant, loaded_adapters):
 
 def _pipeline_call(adapter, xt, t, cond):
     """The denoiser called the way the family's diffusers pipeline calls it."""
-    family, net = adapter.family, adapter.denoiser
+    family, net, pipe = adapter.family, adapter.denoiser, adapter.pipe
+    n, c, h, w = xt.shape
+    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     if family == "sd":
         return net(xt, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+    if family == "sdxl":
+        time_ids = pipe._get_add_time_ids((h * scale, w * scale), (0, 0), (h * scale, w * scale), xt.dtype,
+                                          text_encoder_projection_dim=cond["text_embeds"].shape[-1]).repeat(n, 1)
+        added = {"text_embeds": cond["text_embeds"], "time_ids": time_ids}
+        return net(xt, t, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added).sample
+    if family == "sd3":  # the scheduler's timesteps are sigma * 1000 (checked below)
+        return net(hidden_states=xt, timestep=t * 1000, encoder_hidden_states=cond["prompt_embeds"],
+                   pooled_projections=cond["pooled_prompt_embeds"]).sample
+    if family == "flux":
+        packed = pipe._pack_latents(xt, n, c, h, w)
+        img_ids = pipe._prepare_latent_image_ids(n, h // 2, w // 2, xt.device, xt.dtype)
+        txt_ids = torch.zeros(cond["prompt_embeds"].shape[1], 3)
+        guidance = torch.full((n,), 3.5) if net.config.guidance_embeds else None
+        out = net(hidden_states=packed, timestep=(t * 1000) / 1000, guidance=guidance,
+                  pooled_projections=cond["pooled_prompt_embeds"], encoder_hidden_states=cond["prompt_embeds"],
+                  txt_ids=txt_ids, img_ids=img_ids).sample
+        return pipe._unpack_latents(out, h * scale, w * scale, scale)
+    if family == "pixart":
+        added = {"resolution": None, "aspect_ratio": None}
+        if net.use_additional_conditions:
+            added = {"resolution": torch.tensor([h * scale, w * scale]).float().repeat(n, 1),
+                     "aspect_ratio": torch.tensor([h / w]).float().repeat(n, 1)}
+        out = net(xt, encoder_hidden_states=cond["prompt_embeds"], encoder_attention_mask=cond["prompt_attention_mask"],
+                  timestep=t, added_cond_kwargs=added).sample
+        if net.config.out_channels // 2 == c:  # learned sigma: keep epsilon
+            out = out.chunk(2, dim=1)[0]
+        return out
     raise AssertionError(family)
 
 
@@ -153,6 +181,50 @@ def test_predict_matches_pipeline_convention(variant, loaded_adapters):
     xt, t = _inputs(adapter, 2)
     with torch.no_grad():
         torch.testing.assert_close(adapter.predict(adapter.denoiser, xt, t, cond), _pipeline_call(adapter, xt, t, cond))
+
+
+def test_flow_timestep_convention_matches_the_scheduler():
+    """FlowMatchEulerDiscreteScheduler's timesteps are its sigmas * 1000 (what SD3 is fed)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    scheduler.set_timesteps(5)
+    torch.testing.assert_close(scheduler.timesteps, scheduler.sigmas[:-1] * 1000)
+
+
+def test_flux_packing_round_trip_and_order():
+    from diffusers import FluxPipeline
+
+    from diffalign.models.flux import image_ids, pack_latents, unpack_latents
+
+    x = torch.randn(2, 4, 6, 8)
+    packed = pack_latents(x)
+    assert packed.shape == (2, 12, 16)
+    torch.testing.assert_close(packed, FluxPipeline._pack_latents(x, 2, 4, 6, 8))
+    torch.testing.assert_close(unpack_latents(packed, 6, 8), x)
+    torch.testing.assert_close(image_ids(6, 8, torch.device("cpu"), torch.float32),
+                               FluxPipeline._prepare_latent_image_ids(2, 3, 4, "cpu", torch.float32))
+
+
+def test_flux_rejects_odd_latents(loaded_adapters):
+    adapter = loaded_adapters("flux")
+    cond = adapter.encode_prompts(["x"])
+    with pytest.raises(DiffalignError, match="packs 2x2 latent patches"):
+        adapter.predict(adapter.denoiser, torch.randn(1, 4, 5, 6), torch.tensor([0.5]), cond)
+
+
+def test_sd3_without_t5_uses_zero_t5_features(loaded_adapters):
+    adapter = loaded_adapters("sd3-no-t5")
+    embeds = adapter.encode_prompts(["a red cube"])["prompt_embeds"]
+    assert embeds.shape[1] == 77 + adapter.max_sequence_length
+    assert torch.all(embeds[:, 77:] == 0) and embeds[:, :77].abs().sum() > 0
+
+
+def test_unknown_adapter_option_is_a_clear_error():
+    from diffalign.testing import tiny_pipeline
+
+    with pytest.raises(DiffalignError, match="bad model option for the sd adapter"):
+        load_adapter(tiny_pipeline("sd"), logit_std=2.0)
 
 
 def test_unsupported_pipeline_is_a_clear_error():

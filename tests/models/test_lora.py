@@ -5,11 +5,11 @@ import torch
 
 from diffalign.errors import DiffalignError
 from diffalign.models import load_adapter
-from diffalign.models.lora import add_lora, frozen_copy, has_lora, reference, save_lora, set_attention
+from diffalign.models.lora import add_lora, frozen_copy, has_lora, load_lora, reference, save_lora, set_attention
 from diffalign.testing import TINY_RESOLUTION, TINY_VARIANTS
 
 # One variant per family (the LoRA code path does not depend on the other options).
-FAMILY_VARIANTS = {k: v for k, v in TINY_VARIANTS.items() if k in ("sd-eps",)}
+FAMILY_VARIANTS = {k: v for k, v in TINY_VARIANTS.items() if k in ("sd-eps", "sdxl", "sd3", "flux", "pixart-sigma")}
 
 
 def _fresh(variant):
@@ -87,7 +87,7 @@ def test_save_lora_loads_back_into_diffusers(variant, tmp_path):
 
     fresh = _fresh(variant)  # same seed: the same base weights
     if family == "pixart":
-        fresh.pipe.transformer.load_lora_adapter(str(tmp_path / "lora"))
+        load_lora(fresh.pipe.transformer, tmp_path / "lora")
     else:
         fresh.pipe.load_lora_weights(str(tmp_path / "lora"))
     assert has_lora(fresh.denoiser)
