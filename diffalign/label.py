@@ -12,6 +12,11 @@ For every prompt: generate K images (image k of prompt p always uses the same se
                               {"prompt", "images", "scores", "ranks", "rewards": {name: [...]}, "seeds"}
     D/pairs.parquet           Pick-a-Pic v2 schema: caption, jpg_0 (winner), jpg_1, label_0, label_1
     D/run.json, D/stats.json  the settings (checked on resume) and the timing of the last run
+                              (images/s over generation + scoring + writing, and the rewards' share)
+
+Rewards (`--reward a,b`): names from diffalign.rewards (built-in, or added from Python with
+`diffalign.rewards.register_reward`), or "module:function" for a plain callable
+`(images (B, 3, H, W) in [0, 1], prompts) -> Tensor[B]`. Rewards see the saved 8-bit pixels.
 
 Ranking (`--rank-by`). "avg-rank" (default) is the paper's Algorithm 1: each reward votes on every
 pair of images, and an image's score psi is its share of won votes, wins / (n_rewards * (K - 1)),
@@ -38,7 +43,7 @@ import importlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,6 +51,7 @@ from diffalign.errors import DiffalignError
 
 RANK_BY = ("avg-rank", "weighted")
 PAIRS = ("best-worst", "margin")
+
 
 @dataclass
 class LabelConfig:
@@ -68,7 +74,8 @@ class LabelConfig:
     captions: str | None = None
     captioner: str | None = None
     paraphraser: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    caption_prompt: str | None = None
+    perturb_strength: str = "medium"
 
     def identity(self) -> dict[str, Any]:
         """The settings that decide the content of the rows: a resumed run must match them."""
@@ -425,7 +432,8 @@ def label(cfg: LabelConfig, pipe=None) -> dict[str, Any]:
         from diffalign.captions import caption_pairs
 
         records = caption_pairs(records, cfg.captions, captioner=cfg.captioner, paraphraser=cfg.paraphraser,
-                                seed=cfg.seed, device=cfg.device)
+                                seed=cfg.seed, device=cfg.device, strength=cfg.perturb_strength,
+                                caption_prompt=cfg.caption_prompt)
     pairs = write_pairs(out, records)
     stats = {
         "prompts_labelled": made,
@@ -467,6 +475,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="add DCPO dual captions (caption_0/caption_1) to the pairs")
     parser.add_argument("--captioner", default=None, help="image-to-text model (hub id or path) for caption/hybrid")
     parser.add_argument("--paraphraser", default=None, help="text2text model for perturb/hybrid (default: rule-based)")
+    parser.add_argument("--caption-prompt", default=None, help="text prompt for chat-style captioners")
+    parser.add_argument("--perturb-strength", choices=("weak", "medium", "strong"), default="medium",
+                        help="rule-based perturbation: 1, 2 or 3 word edits")
 
 
 def config_from_args(args: argparse.Namespace) -> LabelConfig:
@@ -482,7 +493,7 @@ def config_from_args(args: argparse.Namespace) -> LabelConfig:
         seed=args.seed, batch_size=args.batch_size, steps=args.steps, guidance=args.guidance,
         resolution=args.resolution, pairs=args.pairs, margin=args.margin, rank_by=args.rank_by, weights=weights,
         device=args.device, dtype=args.dtype, captions=args.captions, captioner=args.captioner,
-        paraphraser=args.paraphraser,
+        paraphraser=args.paraphraser, caption_prompt=args.caption_prompt, perturb_strength=args.perturb_strength,
     )
 
 
