@@ -242,6 +242,19 @@ def test_resize_matches_torchvision_uint8(reward):
     assert torch.isfinite(reward.score(clip, "a cat")).all()
 
 
+def test_registry_and_options(reward, full_release):
+    from diffalign.rewards import load_reward
+
+    videos = aligned_videos(batch=1, seed=7)
+    loaded = load_reward("videoreward", path=str(full_release[0]), use_norm=False)
+    raw = loaded.score_dimensions(videos, "a cat")
+    normed = reward.score_dimensions(videos, "a cat")
+    for dim in ("VQ", "MQ", "TA"):  # use_norm=False gives the raw head outputs
+        torch.testing.assert_close(normed[dim], (raw[dim] - NORM[f"{dim}_mean"]) / NORM[f"{dim}_std"], atol=1e-5, rtol=1e-5)
+    with pytest.raises(DiffalignError, match="checkpoint-7 not in"):
+        VideoRewardReward.from_pretrained(full_release[0], step=7)
+
+
 def test_bad_input_and_missing_files(reward, tmp_path):
     with pytest.raises(DiffalignError, match="shape"):
         reward.score(torch.rand(2, 3, 64, 64), PROMPTS)  # an image batch, not videos

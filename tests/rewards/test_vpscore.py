@@ -56,6 +56,14 @@ def test_mean_std_and_gradient(release):
     assert images.grad.abs().sum() > 0
 
 
+def test_registry_builds_it(release):
+    from diffalign.rewards import load_reward
+
+    reward = load_reward("vpscore", path=str(release[0]), vit=ir.VIT, mean=1.0)
+    images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(reward.score(images, "a cat"), raw_head_output(release[1], images, release[0], ["a cat"]) - 1.0, atol=2e-5, rtol=1e-5)
+
+
 def test_needs_a_path_and_the_right_file(tmp_path):
     with pytest.raises(DiffalignError, match="VP-Score.pt"):
         VPScoreReward.from_pretrained(None)
