@@ -319,8 +319,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
+    from diffalign.data import dataset_kind
     from diffalign.models import load_adapter
 
+    dataset_kind(args.dataset)  # a wrong path fails before the model loads
     state = PartialState()
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     adapter = load_adapter(args.model, device=state.device, dtype=dtype)

@@ -18,6 +18,7 @@ streaming) for sets too large for the disk or memory. See docs/datasets.md.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -301,7 +302,10 @@ class GroupDataset(torch.utils.data.Dataset):
 # Sources
 
 
-def _dataset_kind(name: str) -> str:
+def dataset_kind(name: str) -> str:
+    """Classify a --dataset value as jsonl, parquet, disk (save_to_disk) or hub; a bad path raises."""
+    if not name:
+        raise DiffalignError("no dataset given: set --dataset to a hub id, parquet folder, save_to_disk folder or .jsonl")
     path = Path(name)
     if name.endswith(".jsonl"):
         if not path.is_file():
@@ -322,8 +326,6 @@ def _dataset_kind(name: str) -> str:
         )
     if name.startswith((".", "/", "~")) or path.suffix in (".parquet", ".json", ".csv"):
         raise DiffalignError(f"dataset {name!r} not found: check the path")
-    if not name:
-        raise DiffalignError("no dataset given: set --dataset to a hub id, parquet folder, save_to_disk folder or .jsonl")
     return "hub"
 
 
@@ -660,7 +662,9 @@ def build_dataset(cfg: DataConfig, *, pairwise: bool = True, rank: int | None = 
     if cfg.group_size is not None and cfg.group_size < 2:
         raise DiffalignError(f"group_size must be at least 2 (got {cfg.group_size})")
     drop_ties = pairwise if cfg.drop_ties is None else cfg.drop_ties
-    kind = _dataset_kind(cfg.dataset)
+    if cfg.dataset.startswith("~"):
+        cfg = dataclasses.replace(cfg, dataset=os.path.expanduser(cfg.dataset))
+    kind = dataset_kind(cfg.dataset)
     if not cfg.streaming:
         if kind == "jsonl":
             return _jsonl_map(cfg, pairwise, drop_ties)

@@ -148,6 +148,21 @@ def test_save_to_disk_folder_with_splits_and_k3_columns(tmp_path):
         build_dataset(cfg_for(tmp_path / "dd"))
 
 
+@pytest.mark.parametrize("name, message", [
+    ("", "no dataset given"),
+    ("missing/data.jsonl", "JSONL dataset .* not found"),
+    ("./missing-folder", "not found"),
+    ("notes.txt", "neither .parquet nor .jsonl"),
+    ("empty-folder", "holds no parquet files"),
+])
+def test_bad_dataset_paths(tmp_path, monkeypatch, name, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "empty-folder").mkdir()
+    with pytest.raises(DiffalignError, match=message):
+        build_dataset(DataConfig(dataset=name))
+
+
 def test_hub_id_offline_is_a_clear_error():
     with pytest.raises(DiffalignError, match="could not load dataset 'nobody/no-such-set'.*local parquet"):
         build_dataset(DataConfig(dataset="nobody/no-such-set"))
