@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -146,6 +147,9 @@ def test_save_to_disk_folder_with_splits_and_k3_columns(tmp_path):
     assert torch.allclose(item["pixels"][1], as_pixels(rows[0]["jpg_2"]), atol=1e-6)
     with pytest.raises(DiffalignError, match="split 'train' not in"):
         build_dataset(cfg_for(tmp_path / "dd"))
+    shares = [[g["prompt"] for g in build_dataset(dataclasses.replace(cfg, streaming=True), pairwise=False,
+                                                  rank=r, world_size=2)] for r in range(2)]
+    assert sorted(shares[0] + shares[1]) == ["prompt 0", "prompt 1", "prompt 2"]
 
 
 @pytest.mark.parametrize("name, message", [
