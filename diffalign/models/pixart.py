@@ -39,11 +39,18 @@ class PixArtAdapter:
         self.scheduler = ddpm_training_scheduler(pipe)
         self.prediction_type = self.scheduler.config.prediction_type
         self.num_train_timesteps = self.scheduler.config.num_train_timesteps
-        self.device = pipe.transformer.device
-        self.dtype = pipe.transformer.dtype
         self.vae_scale_factor = vae_scale_factor(pipe.vae)
         is_alpha = type(pipe).__name__ == "PixArtAlphaPipeline"
         self.max_sequence_length = max_sequence_length or (120 if is_alpha else 300)
+
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The denoiser's weight dtype, read live: inputs follow a later cast (full fine-tuning in fp32)."""
+        return self.denoiser.dtype
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
         with torch.no_grad():

@@ -33,8 +33,15 @@ class SDAdapter:
         self.scheduler = ddpm_training_scheduler(pipe)
         self.prediction_type = self.scheduler.config.prediction_type
         self.num_train_timesteps = self.scheduler.config.num_train_timesteps
-        self.device = pipe.unet.device
-        self.dtype = pipe.unet.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The denoiser's weight dtype, read live: inputs follow a later cast (full fine-tuning in fp32)."""
+        return self.denoiser.dtype
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
         """{"encoder_hidden_states": (N, 77, D)}; "" encodes the unconditional prompt."""

@@ -31,10 +31,17 @@ class SD3Adapter:
         self.pipe = pipe
         self.denoiser = pipe.transformer
         self.num_train_timesteps = pipe.scheduler.config.num_train_timesteps
-        self.device = pipe.transformer.device
-        self.dtype = pipe.transformer.dtype
         self.logit_mean, self.logit_std = logit_mean, logit_std
         self.max_sequence_length = max_sequence_length
+
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The denoiser's weight dtype, read live: inputs follow a later cast (full fine-tuning in fp32)."""
+        return self.denoiser.dtype
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
         prompts = list(prompts)

@@ -243,3 +243,18 @@ def test_bad_model_paths_are_clear_errors(tmp_path):
         load_adapter(str(tmp_path))
     with pytest.raises(DiffalignError, match="could not load model 'nobody-xyz/no-such-model'"):
         load_adapter("nobody-xyz/no-such-model")
+
+
+def test_predict_follows_the_denoiser_dtype():
+    """Loaded in bf16, the adapter feeds bf16; after a full-fine-tuning cast to fp32 it feeds
+    fp32 (a stale dtype would make the UNet's conv fail on mismatched input)."""
+    from diffalign.testing import tiny_pipeline
+
+    adapter = load_adapter(tiny_pipeline("sd"), dtype=torch.bfloat16)
+    cond = adapter.encode_prompts(["a red cube"])
+    assert cond["encoder_hidden_states"].dtype == torch.bfloat16
+    xt, t = torch.randn(1, 4, 16, 16), torch.tensor([10])
+    with torch.no_grad():
+        assert adapter.predict(adapter.denoiser, xt, t, cond).dtype == torch.bfloat16
+        adapter.denoiser.to(torch.float32)
+        assert adapter.predict(adapter.denoiser, xt, t, cond).dtype == torch.float32
