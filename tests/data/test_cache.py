@@ -155,6 +155,10 @@ def test_cli_with_a_tiny_sd_pipeline(tmp_path):
             "--resolution", "16", "--batch-size", "3", "--shard-size", "2"]
     assert main(args) == 0
     (folder,) = out.iterdir()
+    # `train --cache-latents --cache-dir CACHE` with the same model, data and resolution (its own
+    # flip/seed settings) finds this cache and encodes nothing.
+    train_view = DataConfig(dataset=str(data), resolution=16, random_flip=True, seed=3)
+    assert build_cache(FakeAdapter(fail_after=0), train_view, out, model_id=str(model)) == folder
     cached = CachedDataset(folder)
     adapter = load_adapter(str(model))
     direct = build_dataset(DataConfig(dataset=str(data), resolution=16, random_flip=False))
