@@ -28,6 +28,12 @@ the defaults are Diffusion-DPO's (5000 for epsilon/v, 100 for flow), our assumpt
 
 `weighting`: "dcg" (the paper), "gain" (|G_i - G_j| only: the paper's "DPO + gain weights"
 ablation), "none" (unit weights: plain DPO summed over all ordered pairs).
+
+`label_gain`: "psi" (default) takes the data's scores as psi, which must lie in [0, 1] (what
+`diffalign label` writes: the multi-reward win fractions of Algorithm 1). "rank" computes psi
+inside each group as the share of the group's other images whose score is lower: Algorithm 1
+with the data's score as the single reward, so raw reward values of any scale work (e.g. the
+toy ranked.parquet, whose labels are toy-reward scores). The two agree on single-reward data.
 """
 
 from __future__ import annotations
@@ -44,28 +50,32 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
 
 DEFAULT_BETA = {"epsilon": 5000.0, "v_prediction": 5000.0, "flow": 100.0}
 WEIGHTINGS = ("dcg", "gain", "none")
+LABEL_GAINS = ("psi", "rank")
 
 
 def default_hparams(prediction_type: str) -> dict:
-    return {"beta": DEFAULT_BETA[prediction_type], "weighting": "dcg"}
+    return {"beta": DEFAULT_BETA[prediction_type], "weighting": "dcg", "label_gain": "psi"}
 
 
-def check_label_scores(scores: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
-    """Label scores must match err, be finite, lie in [0, 1] and be sorted best first."""
-    if scores is None:
-        return None
+def check_label_scores(scores: torch.Tensor, shape: torch.Size, label_gain: str) -> None:
+    """Label scores must match err, be finite and sorted best first; psi must lie in [0, 1]."""
     if tuple(scores.shape) != tuple(shape):
         raise DiffalignError(f"scores have shape {tuple(scores.shape)} but errors have {tuple(shape)}: pass one score per image")
     if not torch.isfinite(scores).all():
         raise DiffalignError("ranked-list scores contain NaN or inf: fix or drop those rows of the dataset")
-    if scores.min() < 0 or scores.max() > 1:
-        raise DiffalignError(
-            "RankDPO label scores must lie in [0, 1] (the paper's win fractions, as `diffalign label` "
-            "writes them): rescale the dataset's scores, or use weighting='none'"
-        )
     if (scores[:, 1:] > scores[:, :-1]).any():
         raise DiffalignError("ranked-list scores are not sorted best first: sort each group by score, descending")
-    return scores
+    if label_gain == "psi" and (scores.min() < 0 or scores.max() > 1):
+        raise DiffalignError(
+            "RankDPO label scores must lie in [0, 1] (the paper's win fractions, as `diffalign label` "
+            "writes them): for raw reward scores set --objective label_gain=rank"
+        )
+
+
+def win_fractions(scores: torch.Tensor) -> torch.Tensor:
+    """psi_i = share of the group's other images with a lower score (ties win nothing): (B, K)."""
+    wins = (scores[:, :, None] > scores[:, None, :]).sum(dim=2)
+    return wins.to(scores.dtype) / (scores.shape[1] - 1)
 
 
 def positional_scores(batch: int, k: int, like: torch.Tensor) -> torch.Tensor:
@@ -110,17 +120,22 @@ def loss(
     num_timesteps: int = 1000,
     beta: float = 5000.0,
     weighting: str = "dcg",
+    label_gain: str = "psi",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-group RankDPO loss. err, ref_err: (B, K) best first; scores: (B, K) psi or None."""
+    """Per-group RankDPO loss. err, ref_err: (B, K) best first; scores: (B, K) or None (list order)."""
     if ref_err is None:
         raise ValueError("RankDPO needs the reference model's errors (ref_err)")
     if err.ndim != 2 or err.shape[1] < 2:
         raise DiffalignError(f"RankDPO needs groups of K >= 2 images, got errors of shape {tuple(err.shape)}: "
                              "give every prompt at least two ranked images")
+    if label_gain not in LABEL_GAINS:
+        raise ValueError(f"unknown label_gain {label_gain!r}: choose one of {', '.join(LABEL_GAINS)}")
     batch, k = err.shape
-    psi = check_label_scores(scores, err.shape)
-    if psi is None:
+    if scores is None:
         psi = positional_scores(batch, k, err)
+    else:
+        check_label_scores(scores, err.shape, label_gain)
+        psi = scores.to(err.dtype) if label_gain == "psi" else win_fractions(scores.to(err.dtype))
     s = -0.5 * beta * (err - ref_err)  # (B, K) per-image DPO scores, Eq. 5
     margins = s[:, :, None] - s[:, None, :]  # (B, K, K): s_i - s_j
     weights = pair_weights(psi, s, weighting)  # (B, K, K), no gradient

@@ -83,6 +83,19 @@ def test_rankdpo_gradients_flow_and_improve_the_ranking():
     assert all(not v.requires_grad for v in metrics.values())
 
 
+def test_rank_label_gain_takes_raw_reward_scores():
+    """label_gain=rank: psi from the order of raw scores; equals psi mode on the win fractions."""
+    torch.manual_seed(1)
+    err, ref = torch.rand(2, 4, dtype=torch.float64), torch.rand(2, 4, dtype=torch.float64)
+    raw = torch.tensor([[31.0, 27.5, 27.5, 19.0], [2.0, 1.0, -3.0, -4.0]], dtype=torch.float64)
+    psi = torch.tensor([[1.0, 1 / 3, 1 / 3, 0.0], [1.0, 2 / 3, 1 / 3, 0.0]], dtype=torch.float64)
+    ranked, _ = rankdpo.loss(err, ref, scores=raw, beta=3.0, label_gain="rank")
+    direct, _ = rankdpo.loss(err, ref, scores=psi, beta=3.0, label_gain="psi")
+    assert torch.allclose(ranked, direct)
+    with pytest.raises(ValueError, match="label_gain"):
+        rankdpo.loss(err, ref, scores=psi, label_gain="ndcg")
+
+
 def test_rankdpo_without_scores_uses_the_list_order():
     err = torch.tensor([[0.2, 0.1, 0.3]], dtype=torch.float64)
     ref = torch.tensor([[0.25, 0.1, 0.2]], dtype=torch.float64)
@@ -98,7 +111,7 @@ def test_rankdpo_without_scores_uses_the_list_order():
         (torch.zeros(2, 3), torch.tensor([[1.0, float("nan"), 0.0]] * 2), "NaN"),
         (torch.zeros(2, 3), torch.tensor([[1.0, 0.5]] * 2), "shape"),
         (torch.zeros(2, 3), torch.tensor([[0.0, 0.5, 1.0]] * 2), "best first"),
-        (torch.zeros(2, 3), torch.tensor([[30.0, 20.0, 10.0]] * 2), r"\[0, 1\]"),
+        (torch.zeros(2, 3), torch.tensor([[30.0, 20.0, 10.0]] * 2), "label_gain=rank"),
     ],
 )
 def test_rankdpo_bad_input_raises_clear_errors(err, scores, message):
@@ -118,7 +131,8 @@ def test_dcpo_equals_diffusion_dpo_on_the_loss():
 def test_defaults_per_prediction_type():
     assert resolve_hparams("dcpo", "epsilon", {}) == {"beta": 500.0}
     assert resolve_hparams("dcpo", "flow", {}) == {"beta": 100.0}
-    assert resolve_hparams("rankdpo", "v_prediction", {}) == {"beta": 5000.0, "weighting": "dcg"}
-    assert resolve_hparams("rankdpo", "flow", {"weighting": "gain"}) == {"beta": 100.0, "weighting": "gain"}
+    assert resolve_hparams("rankdpo", "v_prediction", {}) == {"beta": 5000.0, "weighting": "dcg", "label_gain": "psi"}
+    assert resolve_hparams("rankdpo", "flow", {"weighting": "gain"}) == {"beta": 100.0, "weighting": "gain",
+                                                                         "label_gain": "psi"}
     with pytest.raises(DiffalignError, match="weighting"):
         resolve_hparams("rankdpo", "flow", {"loss_type": "hinge"})
