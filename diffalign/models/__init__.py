@@ -107,6 +107,10 @@ def load_adapter(
     pipe.to(torch.device(device))
     if pipe.dtype != dtype:  # casting when not needed only makes diffusers warn
         pipe.to(dtype=dtype)
+    if dtype == torch.float16 and pipe.vae.config.force_upcast:
+        # SD/SDXL VAEs overflow in fp16 (diffusers' pipelines upcast them too); keep it in fp32
+        # unless the VAE says it is fp16-safe (e.g. madebyollin/sdxl-vae-fp16-fix).
+        pipe.vae.to(torch.float32)
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
         module = getattr(pipe, name, None)
         if module is not None:

@@ -258,3 +258,14 @@ def test_predict_follows_the_denoiser_dtype():
         assert adapter.predict(adapter.denoiser, xt, t, cond).dtype == torch.bfloat16
         adapter.denoiser.to(torch.float32)
         assert adapter.predict(adapter.denoiser, xt, t, cond).dtype == torch.float32
+
+
+def test_fp16_keeps_an_unsafe_vae_in_fp32():
+    from diffalign.testing import tiny_pipeline
+
+    adapter = load_adapter(tiny_pipeline("sdxl"), dtype=torch.float16)
+    assert adapter.denoiser.dtype == torch.float16 and adapter.pipe.text_encoder.dtype == torch.float16
+    assert adapter.pipe.vae.dtype == torch.float32  # force_upcast: fp16 would overflow
+    pipe = tiny_pipeline("sdxl")
+    pipe.vae.register_to_config(force_upcast=False)  # an fp16-safe VAE follows the dtype
+    assert load_adapter(pipe, dtype=torch.float16).pipe.vae.dtype == torch.float16
