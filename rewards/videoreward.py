@@ -296,7 +296,8 @@ def load_videoreward(path: str | Path, device, dtype, **opts: Any) -> VideoRewar
             raise DiffalignError(f"{checkpoint}/non_lora_state_dict.pth lacks rm_head.weight or has keys the model lacks: re-download the checkpoint")
         state = to_transformers_layout(adapter, lora_scale(checkpoint, lora_cfg), {**base_state, **trained})
         state = {**base_state, **trained, **state}
-    if vlm.config.tie_word_embeddings and "vlm.lm_head.weight" not in state and "vlm.model.language_model.embed_tokens.weight" in state:
+    if vlm.config.tie_word_embeddings and "vlm.model.language_model.embed_tokens.weight" in state:
+        # one tied parameter: the (trained) embedding table is the lm_head, whatever else was saved
         state["vlm.lm_head.weight"] = state["vlm.model.language_model.embed_tokens.weight"]
     base.load_state_dict_strict(model, state, str(checkpoint))
     return base.freeze(model, device, dtype)
@@ -358,7 +359,9 @@ def to_transformers_layout(state: dict[str, Tensor], scale: float, base_weights:
     plain: dict[str, Tensor] = {}
     lora: dict[str, dict[str, Tensor]] = {}
     for key, value in state.items():
-        key = key.removeprefix("base_model.model.")
+        key = key.removeprefix("base_model.model.").replace(".modules_to_save.default.", ".")
+        if ".original_module." in key:  # PEFT's frozen copy beside a modules_to_save module
+            continue
         if ".lora_" in key:
             module, _, rest = key.partition(".lora_")
             if rest[:2] not in ("A.", "B."):

@@ -96,6 +96,8 @@ def build_trained_model(base_dir, config, seed, output_dim):
         for name, p in peft_model.named_parameters():  # "training": LoRA, vision tower, embeddings, head
             if "lora_" in name or "visual" in name or "embed_tokens" in name or "rm_head" in name:
                 p.normal_(0, 0.3 if "rm_head" in name else 0.1)
+            elif "base_layer" in name:  # freeze_llm=False: the LLM's own weights train too
+                p.add_(torch.randn_like(p) * 0.02)
     return peft_model.eval(), tok
 
 
@@ -118,8 +120,10 @@ def write_release(folder, layout, seed=0, output_dim=3):
 
         lora = {k.replace(".default", ""): v.contiguous() for k, v in state.items() if "lora_" in k}
         save_file(lora, str(ckpt / "adapter_model.safetensors"))
-        trained = ("visual.", "embed_tokens", "rm_head")
-        torch.save({k: v for k, v in state.items() if "lora_" not in k and any(t in k for t in trained)}, ckpt / "non_lora_state_dict.pth")
+        # get_peft_state_non_lora_maybe_zero_3: every trainable non-LoRA parameter (named_parameters
+        # lists the tied lm_head once, as embed_tokens); with freeze_llm=False that is all of them
+        trainable = to_old_layout({k: v for k, v in peft_model.named_parameters() if "lora_" not in k})
+        torch.save({k: v.detach().clone() for k, v in trainable.items()}, ckpt / "non_lora_state_dict.pth")
         (ckpt / "adapter_config.json").write_text(json.dumps({"r": LORA_R, "lora_alpha": LORA_ALPHA, "use_rslora": False}))
     model_config = {
         "data_config": {"meta_data": "x.csv", "data_dir": "x", "max_frame_pixels": 200704, "num_frames": None, "fps": 2.0,
