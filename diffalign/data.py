@@ -46,7 +46,7 @@ class DataConfig:
     """Images are resized (shortest side) and cropped to resolution x resolution."""
     center_crop: bool = True
     """Centre crop; False draws one random crop position per group."""
-    random_flip: bool = True
+    random_flip: bool = False
     """Flip each group horizontally with probability 0.5 (all K images together)."""
     streaming: bool = False
     """Stream the rows (datasets streaming) instead of loading the table: for sets too large for
@@ -360,6 +360,11 @@ def _load_hf(cfg: DataConfig, kind: str, streaming: bool):
 def _pickapic_columns(cfg: DataConfig, columns: list[str]) -> tuple[list[str], list[str]]:
     """(label columns present, per-image caption columns present); error if required ones lack."""
     k = len(cfg.image_columns)
+    if k < 2 or len(cfg.label_columns) < k:
+        raise DiffalignError(
+            f"image_columns {cfg.image_columns} need at least 2 columns and one label column each "
+            f"(label_columns {cfg.label_columns}): list them in the same order"
+        )
     labels = list(cfg.label_columns[:k])
     required = [cfg.caption_column, *cfg.image_columns]
     # label_1 may be left out of a pair: it is 1 - label_0.
