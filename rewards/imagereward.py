@@ -227,7 +227,7 @@ def load_imagereward_shaped(path: str | Path, device, dtype, name: str, weights_
     unknown = set(opts) - {"tokenizer", "vit", "mean", "std", "med_config"}
     if unknown:
         raise DiffalignError(f"unknown {name} options {sorted(unknown)}: use tokenizer, vit, mean, std, med_config")
-    where = Path(str(path))
+    where = Path(str(path)).expanduser()
     med_path = opts.get("med_config")
     if where.is_file():  # the checkpoint itself; med_config.json beside it
         weights_path, folder = where, where.parent

@@ -256,6 +256,8 @@ def test_strict_loading_and_missing_files(release, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DiffalignError, match="ImageReward.pt"):
         ImageRewardReward.from_pretrained(tmp_path / "empty", vit=VIT)
+    with pytest.raises(DiffalignError, match="vocab.txt"):
+        ImageRewardReward.from_pretrained(folder, vit=VIT, tokenizer=tmp_path / "no-tokenizer")
     # The checkpoint file itself also works (med_config.json and tokenizer/ beside it).
     direct = ImageRewardReward.from_pretrained(folder / "ImageReward.pt", vit=VIT)
     assert torch.isfinite(direct.score(torch.rand(1, 3, 32, 32), "a dog")).all()
