@@ -1,0 +1,187 @@
+"""Reward throughput (images/s) and peak memory, with random weights.
+
+    python benchmarks/bench_rewards.py                                   # CPU, tiny models
+    python benchmarks/bench_rewards.py --size real --device cuda --dtypes fp32,fp16,bf16
+
+`--size tiny` builds scaled-down models with the original key layouts (as the tests do);
+`--size real` builds the released architectures (HPSv2: open_clip ViT-H-14; PickScore: CLIP-H
+in transformers; CLIP score: OpenAI ViT-L/14; ImageReward: BLIP ViT-L/16 + BERT-base) with
+random weights, so no download is needed. Each (reward, dtype) runs in a fresh child process
+so peak memory is its own: on CUDA `max_memory_allocated`, on CPU the peak resident set
+(VmHWM, which includes the Python process itself). "score" is a no-grad forward; "grad" adds
+the backward pass to the images, as reward guidance and ReNO need.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+NAMES = ("hpsv2.1", "pickscore", "clip", "imagereward")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+TINY_OPEN_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 224, "layers": 2, "width": 32, "head_width": 16, "patch_size": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+TINY_CLIP_TOWERS = (
+    dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+    dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=32),
+)
+# PickScore_v1 = CLIP-H; CLIP score default = openai/clip-vit-large-patch14.
+CLIP_H = (dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
+          dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, patch_size=14), 1024)
+CLIP_L = (dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+          dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14), 768)
+BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+             "max_position_embeddings": 512, "vocab_size": 30524, "layer_norm_eps": 1e-12, "hidden_act": "gelu",
+             "pad_token_id": 0, "type_vocab_size": 2, "add_cross_attention": True, "encoder_width": 768}
+TINY_BERT = {**BERT_BASE, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "intermediate_size": 64, "vocab_size": 64}
+TINY_VIT = {"image_size": 224, "patch_size": 32, "embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+def build_hf_clip(cls, towers, tmp: Path, name: str):
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    from diffalign.rewards.clip_tokenizer import write_clip_tokenizer
+
+    text, vision, projection = towers
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config={**vision, "image_size": 224}, projection_dim=projection))
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp / name))
+    return cls(model, tokenizer, name=name) if name == "pickscore" else cls(model, tokenizer, "transformers", name=name)
+
+
+def build_imagereward(size: str, tmp: Path):
+    from transformers import BertTokenizer
+
+    from diffalign.rewards.imagereward import BLIP, VIT_LARGE, ImageRewardReward, mlp_head
+
+    med, vit = (BERT_BASE, VIT_LARGE) if size == "real" else (TINY_BERT, TINY_VIT)
+    # A stand-in vocabulary: throughput does not depend on which words the ids stand for.
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(50)] + list("abcdefghijklmnopqrstuvwxyz")
+    (tmp / "bert").mkdir(parents=True, exist_ok=True)
+    (tmp / "bert" / "vocab.txt").write_text("\n".join(words) + "\n")
+    tokenizer = BertTokenizer.from_pretrained(str(tmp / "bert"))
+    tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    return ImageRewardReward(BLIP(med, vit), mlp_head(med["hidden_size"]), tokenizer)
+
+
+def build(name: str, size: str, tmp: Path) -> torch.nn.Module:
+    """A reward with random weights, on the current default device, in fp32."""
+    from diffalign.rewards.clip import CLIPScoreReward, build_open_clip
+    from diffalign.rewards.hpsv2 import HPSv2Reward
+    from diffalign.rewards.pickscore import PickScoreReward
+
+    if name == "hpsv2.1":
+        model, tokenizer = build_open_clip("ViT-H-14" if size == "real" else TINY_OPEN_CLIP)
+        return HPSv2Reward(model, tokenizer)
+    if name == "pickscore":
+        return build_hf_clip(PickScoreReward, CLIP_H if size == "real" else (*TINY_CLIP_TOWERS, 16), tmp, name)
+    if name == "clip":
+        return build_hf_clip(CLIPScoreReward, CLIP_L if size == "real" else (*TINY_CLIP_TOWERS, 16), tmp, name)
+    if name == "imagereward":
+        return build_imagereward(size, tmp)
+    raise SystemExit(f"unknown reward {name!r}: choose from {', '.join(NAMES)}")
+
+
+def cpu_memory_mib() -> tuple[float, float]:
+    """(current, peak) resident set of this process in MiB, from /proc."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def bench_one(name: str, size: str, device: str, dtype: str, batch: int, iters: int, resolution: int) -> dict:
+    torch.manual_seed(0)
+    cuda = device.startswith("cuda")
+    with tempfile.TemporaryDirectory() as tmp, torch.device(device):
+        reward = build(name, size, Path(tmp))
+    reward = reward.to(device=device, dtype=DTYPES[dtype]).eval().requires_grad_(False)
+    weights_mib = sum(p.numel() * p.element_size() for p in reward.parameters()) / 2**20
+    images = torch.rand(batch, 3, resolution, resolution, device=device)
+    prompts = ["a photograph of an astronaut riding a horse on the moon"] * batch
+    result = {"reward": name, "size": size, "device": device, "dtype": dtype, "batch": batch,
+              "resolution": resolution, "params_M": sum(p.numel() for p in reward.parameters()) / 1e6,
+              "weights_MiB": round(weights_mib, 1)}
+    for mode in ("score", "grad"):
+        def step():
+            x = images.clone().requires_grad_(mode == "grad")
+            with torch.set_grad_enabled(mode == "grad"):
+                scores = reward.score(x, prompts)
+                if mode == "grad":
+                    scores.sum().backward()
+            return scores
+
+        scores = step()  # warm-up (kernels, caches)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for _ in range(iters):
+            scores = step()
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else cpu_memory_mib()[1]
+        result[f"{mode}_img_s"] = round(batch * iters / seconds, 2)
+        result[f"{mode}_peak_MiB"] = round(peak, 1)
+        result["finite"] = bool(torch.isfinite(scores).all())
+    return result
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = ["reward", "dtype", "params_M", "batch", "score_img_s", "score_peak_MiB", "grad_img_s", "grad_peak_MiB", "finite"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rewards", default=",".join(NAMES))
+    parser.add_argument("--size", choices=["tiny", "real"], default="tiny")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtypes", default="fp32", help="comma-separated: fp32,fp16,bf16")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--resolution", type=int, default=512, help="input images are RxR (resized by the reward)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (the CI box has 2 cores)")
+    parser.add_argument("--output", help="write all rows as JSON here")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child-process mode
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.one:  # child: exactly one reward and dtype; print one JSON line
+        print(json.dumps(bench_one(args.rewards, args.size, args.device, args.dtypes, args.batch, args.iters, args.resolution)))
+        return
+    rows = []
+    for name in args.rewards.split(","):
+        for dtype in args.dtypes.split(","):
+            cmd = [sys.executable, __file__, "--one", "--rewards", name, "--size", args.size, "--device", args.device,
+                   "--dtypes", dtype, "--batch", str(args.batch), "--iters", str(args.iters),
+                   "--resolution", str(args.resolution), "--threads", str(args.threads)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"{name} {dtype}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+                continue
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(f"{name} {dtype}: {rows[-1]['score_img_s']} img/s", file=sys.stderr)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(f"\n{args.size} models on {device_name} ({args.threads} thread(s) on CPU), batch {args.batch}, "
+          f"{args.resolution}px inputs, {args.iters} timed iterations\n")
+    print(format_table(rows))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
