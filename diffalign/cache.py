@@ -323,7 +323,9 @@ def run(args: argparse.Namespace) -> int:
     from diffalign.models import load_adapter
 
     dataset_kind(args.dataset)  # a wrong path fails before the model loads
-    state = PartialState()
+    # cpu=True on a machine without CUDA: this accelerate's launcher does not say so itself, and
+    # without it several CPU processes would each believe they are alone (and encode everything).
+    state = PartialState(cpu=not torch.cuda.is_available())
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     adapter = load_adapter(args.model, device=state.device, dtype=dtype)
     cfg = DataConfig(dataset=args.dataset, split=args.split, resolution=args.resolution,
