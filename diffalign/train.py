@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import asdict
@@ -260,6 +261,9 @@ def train(cfg: TrainConfig, pipeline=None) -> dict:
     objective = get_objective(cfg.method)
     out = check_output_dir(cfg.output_dir)
     accelerator = Accelerator(
+        # Several processes and no GPU (e.g. `accelerate launch --multi_gpu --num_processes 2` on a
+        # laptop): run them as a gloo process group on the CPU instead of failing on CUDA.
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum,
         log_with=None if cfg.report_to == "none" else cfg.report_to,

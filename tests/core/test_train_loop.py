@@ -1,0 +1,156 @@
+"""The training loop end to end on a tiny SD pipeline: outputs, resume, cache, bad input."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffalign.cli import main
+from diffalign.config import TrainConfig
+from diffalign.errors import DiffalignError
+from diffalign.train import train
+
+
+def cfg_for(model, data, out, **kw):
+    base = dict(method="dpo", model=model, dataset=data, output_dir=str(out), resolution=32, batch_size=2,
+                max_steps=3, lr=1e-3, lora_rank=4, checkpoint_every=0, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def metrics(out):
+    return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cli_run_writes_outputs_that_load_into_diffusers(tiny_sd_dir, pairs_parquet, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    out = tmp_path / "run"
+    code = main(["train", "--method", "dpo", "--model", tiny_sd_dir, "--dataset", pairs_parquet, "--output-dir", str(out),
+                 "--max-steps", "3", "--batch-size", "2", "--resolution", "32", "--lr", "1e-3", "--lora-rank", "4"])
+    assert code == 0
+    for name in ("config.yaml", "metrics.jsonl", "training_curves.png", "pytorch_lora_weights.safetensors"):
+        assert (out / name).is_file(), name
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 1
+    pipe = DiffusionPipeline.from_pretrained(tiny_sd_dir)
+    x = torch.randn(1, 4, 16, 16)
+    emb = torch.randn(1, 8, pipe.unet.config.cross_attention_dim)
+    before = pipe.unet(x, 10, emb).sample
+    pipe.load_lora_weights(str(out))
+    after = pipe.unet(x, 10, emb).sample
+    assert not torch.allclose(before, after)  # the trained LoRA changes the model
+
+
+def test_resume_continues_exactly(tiny_sd_dir, pairs_parquet, tmp_path):
+    full = tmp_path / "full"
+    train(cfg_for(tiny_sd_dir, pairs_parquet, full, max_steps=4, checkpoint_every=2))
+    part = tmp_path / "part"
+    train(cfg_for(tiny_sd_dir, pairs_parquet, part, max_steps=2, checkpoint_every=2))
+    train(cfg_for(tiny_sd_dir, pairs_parquet, part, max_steps=4, checkpoint_every=2, resume="latest"))
+    a = load_file(str(full / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(part / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    assert [r["loss"] for r in metrics(full)][2:] == pytest.approx([r["loss"] for r in metrics(part)][2:], abs=1e-6)
+    # Checkpoints hold only the trainable weights and are atomically renamed into place.
+    ckpts = sorted((full / "checkpoints").iterdir())
+    assert [c.name for c in ckpts] == ["checkpoint-2", "checkpoint-4"]
+    assert not list((full / "checkpoints").glob(".tmp-*"))
+    trainable = load_file(str(ckpts[-1] / "trainable_0.safetensors"))
+    assert trainable and all("lora" in k for k in trainable)
+
+
+def test_cached_run_matches_uncached_without_the_vae(tiny_sd_dir, pairs_parquet, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    plain = tmp_path / "plain"
+    train(cfg_for(tiny_sd_dir, pairs_parquet, plain, max_steps=2))
+    cached = tmp_path / "cached"
+    cache_dir = tmp_path / "cache"
+    # Build the cache, then train from it with a pipeline whose VAE and text encoder refuse to run.
+    train(cfg_for(tiny_sd_dir, pairs_parquet, tmp_path / "warm", max_steps=1, cache_latents=True, cache_dir=str(cache_dir)))
+    pipe = DiffusionPipeline.from_pretrained(tiny_sd_dir)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the VAE/text encoder ran during cached training")
+
+    pipe.vae.encode = refuse
+    pipe.text_encoder.forward = refuse
+    train(cfg_for(tiny_sd_dir, pairs_parquet, cached, max_steps=2, cache_latents=True, cache_dir=str(cache_dir)), pipeline=pipe)
+    # The denoising errors agree to float rounding (VAE/text encoder batched differently);
+    # beta = 5000 multiplies such rounding in the loss, hence its looser tolerance.
+    for key, tol in (("model_err_w", 1e-5), ("model_err_l", 1e-5), ("ref_err_w", 1e-5), ("loss", 5e-4)):
+        assert [r[key] for r in metrics(cached)] == pytest.approx([r[key] for r in metrics(plain)], abs=tol), key
+
+
+def test_bad_inputs_get_one_line_errors(tiny_sd_dir, pairs_parquet, tmp_path, capsys):
+    cases = [
+        (["--method", "ppo"], "unknown method 'ppo'"),
+        (["--method", "flow-dpo"], "does not serve 'epsilon'"),
+        (["--method", "dpo", "--model", tiny_sd_dir], "--dataset is missing"),
+        (["--method", "mapo", "--objective", "betta=1"], "has no option betta"),
+    ]
+    for extra, expected in cases:
+        argv = ["train", "--output-dir", str(tmp_path / "x"), "--max-steps", "1", "--resolution", "32"] + extra
+        if "--model" not in extra and extra[1] != "ppo":
+            argv += ["--model", tiny_sd_dir, "--dataset", pairs_parquet]
+        if extra[1] == "ppo":
+            argv += ["--model", tiny_sd_dir, "--dataset", pairs_parquet]
+        assert main(argv) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) >= 1 and expected in err[-1] and "Traceback" not in "\n".join(err), (extra, err)
+
+
+def test_unwritable_output_dir(tiny_sd_dir, pairs_parquet, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(DiffalignError, match="cannot write to output folder"):
+        train(cfg_for(tiny_sd_dir, pairs_parquet, blocker / "out"))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_sd_dir, pairs_parquet, tmp_path, monkeypatch):
+    from diffalign.objectives import dpo
+
+    real = dpo.loss
+    calls = {"n": 0}
+
+    def flaky(err, ref_err, **kw):
+        calls["n"] += 1
+        losses, m = real(err, ref_err, **kw)
+        return (losses * float("nan") if calls["n"] == 3 else losses), m
+
+    monkeypatch.setattr(dpo, "loss", flaky)
+    out = tmp_path / "nan"
+    with pytest.raises(DiffalignError, match="loss is nan at step 3.*checkpoint-2"):
+        train(cfg_for(tiny_sd_dir, pairs_parquet, out, max_steps=5))
+    assert (out / "checkpoints" / "checkpoint-2" / "trainable_0.safetensors").is_file()
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tiny_sd_dir, pairs_parquet, tmp_path):
+    """Two processes (gloo on the CPU), batch 1 each == one process with batch 2."""
+    one = tmp_path / "one"
+    train(cfg_for(tiny_sd_dir, pairs_parquet, one, max_steps=2, batch_size=2))
+    two = tmp_path / "two"
+    repo = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(repo / "configs/accelerate/cpu2.yaml"),
+           "-m", "diffalign.cli", "train", "--model", tiny_sd_dir, "--dataset", pairs_parquet, "--output-dir", str(two),
+           "--max-steps", "2", "--batch-size", "1", "--resolution", "32", "--lr", "1e-3", "--lora-rank", "4",
+           "--checkpoint-every", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Same groups, noise and timesteps on both sides: the errors agree to float rounding (the
+    # gradient all-reduce sums in another order); beta = 5000 magnifies that rounding in the loss.
+    for key, tol in (("model_err_w", 1e-5), ("model_err_l", 1e-5), ("loss", 1e-3)):
+        assert [r[key] for r in metrics(two)] == pytest.approx([r[key] for r in metrics(one)], abs=tol), key
+    a = load_file(str(one / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(two / "pytorch_lora_weights.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)
