@@ -289,3 +289,12 @@ def test_streaming_resume_reproduces_the_order(tmp_path):
         assert torch.equal(a["pixels"], b["pixels"])  # same crops and flips after the resume
     assert resumed.skipped.total == 0  # the corrupt group was counted in the first pass only
     assert len(rest) == 2
+
+
+def test_max_samples_counts_groups_after_ties(tmp_path):
+    rows = pickapic_rows(9, size=(8, 8))  # labels 1, 0, 0.5, ...: rows 2, 5, 8 are ties
+    path = write_parquet(tmp_path / "p.parquet", rows)
+    ds = build_dataset(cfg_for(path, max_samples=4))
+    assert [ds[i]["prompt"] for i in range(len(ds))] == ["prompt 0", "prompt 1", "prompt 3", "prompt 4"]
+    shares = [list(build_dataset(cfg_for(path, streaming=True, max_samples=3), rank=r, world_size=2)) for r in range(2)]
+    assert [len(s) for s in shares] == [2, 2]  # ceil(3 / 2) groups per process
