@@ -113,7 +113,7 @@ class FluxAdapter:
             guidance = torch.full((n,), self.guidance_scale, device=self.device, dtype=torch.float32)
         out = denoiser(
             hidden_states=pack_latents(xt.to(self.device, self.dtype)),
-            timestep=t.to(self.device, self.dtype),  # sigma, as FluxPipeline's timestep / 1000
+            timestep=t.to(self.device, torch.float32),  # sigma in fp32, as FluxPipeline's timestep / 1000
             guidance=guidance,
             pooled_projections=cond["pooled_prompt_embeds"],
             encoder_hidden_states=cond["prompt_embeds"],

@@ -72,7 +72,8 @@ class SD3Adapter:
         cond = cond_to(cond, self.device, self.dtype)
         return denoiser(
             hidden_states=xt.to(self.device, self.dtype),
-            timestep=t.to(self.device, self.dtype) * self.num_train_timesteps,  # sigma -> 0..1000
+            # sigma -> 0..1000 in fp32 like the scheduler's timesteps (bf16 would round 537 to 536)
+            timestep=t.to(self.device, torch.float32) * self.num_train_timesteps,
             encoder_hidden_states=cond["prompt_embeds"],
             pooled_projections=cond["pooled_prompt_embeds"],
             return_dict=False,
