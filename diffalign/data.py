@@ -25,7 +25,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,10 +66,12 @@ class DataConfig:
     """Streaming only: shuffle buffer size (0 = read in storage order)."""
     caption_column: str = "caption"
     """Pick-a-Pic schema: the prompt column. Per-image captions are <caption_column>_<i>."""
-    image_columns: list[str] = field(default_factory=lambda: ["jpg_0", "jpg_1"])
-    """Pick-a-Pic schema: one column per image (encoded bytes, an Image feature, or a path)."""
-    label_columns: list[str] = field(default_factory=lambda: ["label_0", "label_1"])
-    """Pick-a-Pic schema: one score per image; label_1 may be absent for pairs (= 1 - label_0)."""
+    image_columns: list[str] | None = None
+    """Pick-a-Pic schema: one column per image (encoded bytes, an Image feature, or a path);
+    None = jpg_0, jpg_1, ... as many as the data has (K > 2 for ranked sets)."""
+    label_columns: list[str] | None = None
+    """Pick-a-Pic schema: one score per image; None = label_0, label_1, ... (one per image).
+    label_1 may be absent for pairs (= 1 - label_0)."""
 
 
 @dataclass
@@ -357,8 +359,16 @@ def _load_hf(cfg: DataConfig, kind: str, streaming: bool):
         ) from None
 
 
-def _pickapic_columns(cfg: DataConfig, columns: list[str]) -> tuple[list[str], list[str]]:
-    """(label columns present, per-image caption columns present); error if required ones lack."""
+def _pickapic_columns(cfg: DataConfig, columns: list[str]) -> tuple[DataConfig, list[str], list[str]]:
+    """(cfg with image/label columns resolved, label columns present, per-image caption columns
+    present); error if required columns lack."""
+    if cfg.image_columns is None:  # jpg_0, jpg_1, ... while the data has them
+        k = 2
+        while f"jpg_{k}" in columns:
+            k += 1
+        cfg = dataclasses.replace(cfg, image_columns=[f"jpg_{i}" for i in range(k)])
+    if cfg.label_columns is None:
+        cfg = dataclasses.replace(cfg, label_columns=[f"label_{i}" for i in range(len(cfg.image_columns))])
     k = len(cfg.image_columns)
     if k < 2 or len(cfg.label_columns) < k:
         raise DiffalignError(
@@ -377,7 +387,7 @@ def _pickapic_columns(cfg: DataConfig, columns: list[str]) -> tuple[list[str], l
         )
     present_labels = [c for c in labels if c in columns]
     captions = [f"{cfg.caption_column}_{i}" for i in range(k)]
-    return present_labels, [c for c in captions if c in columns]
+    return cfg, present_labels, [c for c in captions if c in columns]
 
 
 def _row_scores(cfg: DataConfig, row_labels: list[Any], where: str) -> list[float]:
@@ -419,7 +429,7 @@ def _pickapic_base_dir(cfg: DataConfig, kind: str) -> Path | None:
 
 def _pickapic_map(cfg: DataConfig, kind: str, pairwise: bool, drop_ties: bool) -> GroupDataset:
     ds = _undecoded(_load_hf(cfg, kind, streaming=False))
-    labels, captions = _pickapic_columns(cfg, ds.column_names)
+    cfg, labels, captions = _pickapic_columns(cfg, ds.column_names)
     ds = ds.select_columns([cfg.caption_column, *cfg.image_columns, *labels, *captions])
     base_dir = _pickapic_base_dir(cfg, kind)
     name = cfg.dataset
@@ -616,7 +626,7 @@ def _hf_stream_rows(cfg: DataConfig, kind: str, rank: int, world_size: int):
 
     ds = _undecoded(_load_hf(cfg, kind, streaming=True))
     columns = list(ds.column_names or next(iter(ds)).keys())
-    labels, captions = _pickapic_columns(cfg, columns)
+    cfg, labels, captions = _pickapic_columns(cfg, columns)
     ds = ds.select_columns([cfg.caption_column, *cfg.image_columns, *labels, *captions])
     if cfg.shuffle_buffer > 0:
         ds = ds.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer)

@@ -138,14 +138,15 @@ def test_save_to_disk_folder_with_splits_and_k3_columns(tmp_path):
         row["jpg_2"], row["label_2"] = image_bytes(100 + i, (8, 8)), 0.25
         row["label_0"], row["label_1"] = 0.1, 0.9
     datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "dd"))
-    cfg = cfg_for(tmp_path / "dd", split="test", image_columns=["jpg_0", "jpg_1", "jpg_2"],
-                  label_columns=["label_0", "label_1", "label_2"])
+    cfg = cfg_for(tmp_path / "dd", split="test")  # jpg_0..jpg_2 and label_0..label_2 found by name
     ds = build_dataset(cfg, pairwise=False)
     item = ds[0]
     assert item["scores"].tolist() == pytest.approx([0.9, 0.25, 0.1])
     assert torch.allclose(item["pixels"][1], as_pixels(rows[0]["jpg_2"]), atol=1e-6)
     with pytest.raises(DiffalignError, match="split 'train' not in"):
         build_dataset(cfg_for(tmp_path / "dd"))
+    pair = build_dataset(dataclasses.replace(cfg, image_columns=["jpg_0", "jpg_2"], label_columns=["label_0", "label_2"]))
+    assert pair[0]["scores"].tolist() == pytest.approx([0.25, 0.1])
     shares = [[g["prompt"] for g in build_dataset(dataclasses.replace(cfg, streaming=True), pairwise=False,
                                                   rank=r, world_size=2)] for r in range(2)]
     assert sorted(shares[0] + shares[1]) == ["prompt 0", "prompt 1", "prompt 2"]
