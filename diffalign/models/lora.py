@@ -9,8 +9,9 @@
   moved in only while it runs, as the official SDXL DPO script offloads its reference).
 - `save_lora(denoiser, out_dir, family)` writes `pytorch_lora_weights.safetensors` that loads
   with `pipe.load_lora_weights(out_dir)`. PixArt has no diffusers LoRA loader (neither the
-  pipelines nor PixArtTransformer2DModel), so its LoRA is a peft state dict with the LoraConfig
-  in the file metadata, loaded by `load_lora(pipe.transformer, out_dir)`.
+  pipelines nor PixArtTransformer2DModel), so its LoRA is written in peft's own format
+  (adapter_config.json + adapter_model.safetensors): `load_lora(pipe.transformer, out_dir)`
+  loads it in place, `peft.PeftModel.from_pretrained(pipe.transformer, out_dir)` wraps it.
 - `set_attention(denoiser, "auto"|"xformers"|"sdpa")` picks the attention kernels and returns
   the name of the one that runs, for the training log.
 """
@@ -182,16 +183,15 @@ def lora_state_dict(denoiser: nn.Module, family: str) -> dict[str, torch.Tensor]
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
-# The LoraConfig fields `save_lora` records for `load_lora` (all that `add_lora` sets).
-_CONFIG_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "init_lora_weights")
 
 
 def save_lora(denoiser: nn.Module, out_dir: str | Path, family: str) -> Path:
-    """Write the denoiser's LoRA to `out_dir/pytorch_lora_weights.safetensors` and return it.
+    """Write the denoiser's LoRA to `out_dir` and return the weights file.
 
-    Loads back with `pipe.load_lora_weights(out_dir)` (sd, sdxl, sd3, flux) or
-    `pipe.transformer.load_lora_adapter(out_dir)` (pixart). The LoraConfig (rank, alpha,
-    targets) travels in the file's metadata, so alpha != rank loads with the right scale.
+    sd, sdxl, sd3, flux: `pytorch_lora_weights.safetensors`, loaded by
+    `pipe.load_lora_weights(out_dir)`; the LoraConfig (rank, alpha, targets) travels in the
+    file's metadata, so alpha != rank loads with the right scale. pixart: peft's format,
+    loaded by `load_lora(pipe.transformer, out_dir)`.
     """
     import diffusers
 
@@ -202,7 +202,7 @@ def save_lora(denoiser: nn.Module, out_dir: str | Path, family: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     metadata = model.peft_config["default"].to_dict()
     if family == "pixart":
-        return _save_peft_lora(model, out / "pytorch_lora_weights.safetensors")
+        return _save_peft_lora(model, out)
     if family not in _LORA_SAVERS:
         raise DiffalignError(f"save_lora: unknown family {family!r}: use one of sd, sdxl, sd3, flux, pixart")
     class_name, part = _LORA_SAVERS[family]
@@ -213,39 +213,34 @@ def save_lora(denoiser: nn.Module, out_dir: str | Path, family: str) -> Path:
     return out / "pytorch_lora_weights.safetensors"
 
 
-def _save_peft_lora(model: nn.Module, path: Path) -> Path:
-    import json
-
+def _save_peft_lora(model: nn.Module, out: Path) -> Path:
+    """peft's own adapter format: adapter_config.json + adapter_model.safetensors, keys under
+    "base_model.model." as PeftModel.save_pretrained writes them."""
     from safetensors.torch import save_file
 
-    config = model.peft_config["default"]
-    fields = {name: getattr(config, name) for name in _CONFIG_FIELDS}
-    fields["target_modules"] = sorted(fields["target_modules"])
-    save_file(lora_state_dict(model, "pixart"), str(path), metadata={"lora_config": json.dumps(fields)})
-    return path
+    model.peft_config["default"].save_pretrained(str(out))
+    state = {"base_model.model." + k: v for k, v in lora_state_dict(model, "pixart").items()}
+    save_file(state, str(out / "adapter_model.safetensors"))
+    return out / "adapter_model.safetensors"
 
 
 def load_lora(denoiser: nn.Module, lora_dir: str | Path) -> None:
-    """Load a LoRA written by `save_lora(..., family="pixart")` into `denoiser` (frozen base)."""
-    import json
-
+    """Load a LoRA in peft's format (what `save_lora(..., "pixart")` writes) into `denoiser`,
+    in place, keeping the model's class (`peft.PeftModel.from_pretrained` would wrap it)."""
     from peft import LoraConfig
     from peft.utils import set_peft_model_state_dict
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    path = Path(lora_dir) / "pytorch_lora_weights.safetensors"
-    if not path.is_file():
-        raise DiffalignError(f"no LoRA weights at {path}: pass the folder save_lora wrote")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    if "lora_config" not in metadata:
-        raise DiffalignError(f"{path} has no lora_config metadata: it was not written by diffalign's save_lora; use pipe.load_lora_weights")
+    folder = Path(lora_dir)
+    if not (folder / "adapter_config.json").is_file() or not (folder / "adapter_model.safetensors").is_file():
+        raise DiffalignError(f"no peft LoRA in {folder} (adapter_config.json + adapter_model.safetensors): pass the folder save_lora wrote")
+    prefix = "base_model.model."
+    state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in load_file(str(folder / "adapter_model.safetensors")).items()}
     denoiser.requires_grad_(False)
-    _inject(denoiser, LoraConfig(**json.loads(metadata["lora_config"])))
-    result = set_peft_model_state_dict(denoiser, load_file(str(path)), adapter_name="default")
+    _inject(denoiser, LoraConfig.from_pretrained(str(folder)))
+    result = set_peft_model_state_dict(denoiser, state, adapter_name="default")
     if result.unexpected_keys:
-        raise DiffalignError(f"LoRA {path} does not fit {type(denoiser).__name__} ({len(result.unexpected_keys)} unknown keys): load it into the model it was trained on")
+        raise DiffalignError(f"LoRA in {folder} does not fit {type(denoiser).__name__} ({len(result.unexpected_keys)} unknown keys): load it into the model it was trained on")
 
 
 def _xformers_imports() -> bool:
