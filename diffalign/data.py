@@ -435,7 +435,9 @@ def _pickapic_map(cfg: DataConfig, kind: str, pairwise: bool, drop_ties: bool) -
     name = cfg.dataset
 
     # Decide ties and order from the label columns alone (no image decoding).
-    label_values = [list(ds[c]) for c in labels]
+    # (Arrow columns: a million labels in ~0.1 s; list(ds[c]) takes half a minute.)
+    arrow = ds.with_format("arrow")
+    label_values = [arrow[c].to_pylist() for c in labels]
     keep = []
     for row in range(len(ds)):
         where = f"row {row} of {name}"
