@@ -447,10 +447,22 @@ def _pickapic_map(cfg: DataConfig, kind: str, pairwise: bool, drop_ties: bool) -
             keep.append((row, order))
     _check_not_empty(keep, cfg, len(ds))
 
-    def get_group(row: int) -> _Group:
-        return _row_group(cfg, ds[row], labels, captions, f"row {row} of {name}", base_dir)
+    return GroupDataset(_TableRows(ds, cfg, labels, captions, base_dir), keep[: cfg.max_samples], cfg)
 
-    return GroupDataset(get_group, keep[: cfg.max_samples], cfg)
+
+@dataclass
+class _TableRows:
+    """Row -> _Group of a `datasets` table (a class, not a closure: DataLoader workers pickle it)."""
+
+    ds: Any
+    cfg: DataConfig
+    labels: list[str]
+    captions: list[str]
+    base_dir: Path | None
+
+    def __call__(self, row: int) -> _Group:
+        where = f"row {row} of {self.cfg.dataset}"
+        return _row_group(self.cfg, self.ds[row], self.labels, self.captions, where, self.base_dir)
 
 
 def _check_not_empty(keep: list, cfg: DataConfig, n_rows: int) -> None:
@@ -623,7 +635,7 @@ class StreamingGroups(torch.utils.data.IterableDataset):
             yield item
 
 
-def _hf_stream_rows(cfg: DataConfig, kind: str, rank: int, world_size: int):
+def _hf_stream_rows(cfg: DataConfig, kind: str, rank: int, world_size: int) -> _HFStream:
     from datasets.distributed import split_dataset_by_node
 
     ds = _undecoded(_load_hf(cfg, kind, streaming=True))
@@ -633,28 +645,41 @@ def _hf_stream_rows(cfg: DataConfig, kind: str, rank: int, world_size: int):
     if cfg.shuffle_buffer > 0:
         ds = ds.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer)
     ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
-    base_dir = _pickapic_base_dir(cfg, kind)
+    return _HFStream(ds, cfg, labels, captions, _pickapic_base_dir(cfg, kind), rank)
 
-    def rows(epoch: int, worker: int, workers: int) -> Iterator[_Group]:
+
+@dataclass
+class _HFStream:
+    """This process's rows of a `datasets` stream (a class, not a closure: workers pickle it)."""
+
+    ds: Any
+    cfg: DataConfig
+    labels: list[str]
+    captions: list[str]
+    base_dir: Path | None
+    rank: int
+
+    def __call__(self, epoch: int, worker: int, workers: int) -> Iterator[_Group]:
         # datasets splits the shards among DataLoader workers itself.
-        ds.set_epoch(epoch)
-        for i, row in enumerate(ds):
-            yield _row_group(cfg, row, labels, captions, f"row {i} of {cfg.dataset} (rank {rank} stream)", base_dir)
+        self.ds.set_epoch(epoch)
+        for i, row in enumerate(self.ds):
+            where = f"row {i} of {self.cfg.dataset} (rank {self.rank} stream)"
+            yield _row_group(self.cfg, row, self.labels, self.captions, where, self.base_dir)
 
-    return rows
 
+@dataclass
+class _JsonlStream:
+    """Line i goes to process i % world, then to worker (i // world) % workers, in file order:
+    JSONL files are small enough to shuffle map-style; streaming them is for memory."""
 
-def _jsonl_stream_rows(cfg: DataConfig, rank: int, world_size: int):
-    path = Path(cfg.dataset)
+    path: Path
+    rank: int
+    world_size: int
 
-    def rows(epoch: int, worker: int, workers: int) -> Iterator[_Group]:
-        # Line i goes to process i % world, then to worker (i // world) % workers. Storage order:
-        # JSONL files are small enough to shuffle map-style; streaming them is for memory.
-        for i, (_, group) in enumerate(_jsonl_lines(path)):
-            if i % world_size == rank and (i // world_size) % workers == worker:
+    def __call__(self, epoch: int, worker: int, workers: int) -> Iterator[_Group]:
+        for i, (_, group) in enumerate(_jsonl_lines(self.path)):
+            if i % self.world_size == self.rank and (i // self.world_size) % workers == worker:
                 yield group
-
-    return rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -690,7 +715,7 @@ def build_dataset(cfg: DataConfig, *, pairwise: bool = True, rank: int | None = 
     rank = default_rank if rank is None else rank
     world_size = default_world if world_size is None else world_size
     if kind == "jsonl":
-        rows = _jsonl_stream_rows(cfg, rank, world_size)
+        rows = _JsonlStream(Path(cfg.dataset), rank, world_size)
     else:
         rows = _hf_stream_rows(cfg, kind, rank, world_size)
     return StreamingGroups(rows, cfg, pairwise, drop_ties, rank, world_size)

@@ -62,6 +62,9 @@ def test_cached_groups_equal_direct_encoding(tmp_path, parquet):
         assert got["prompt"] == want["prompt"] and got["captions"] == want["captions"]
         assert torch.equal(got["scores"], want["scores"])
     assert torch.equal(cached.empty_cond["prompt_embeds"], adapter.encode_prompts([""])["prompt_embeds"])
+    import pickle  # DataLoader workers get it pickled (open shard handles are not carried)
+
+    assert torch.equal(pickle.loads(pickle.dumps(cached))[5]["latents"], cached[5]["latents"])
     batch = collate_groups([cached[0], cached[1]])
     assert batch["latents"].shape == (2, 2, 4, 4, 4)
     assert batch["prompts"] == [cached[0]["prompt"], cached[1]["prompt"]]

@@ -299,3 +299,18 @@ def test_max_samples_counts_groups_after_ties(tmp_path):
     assert [ds[i]["prompt"] for i in range(len(ds))] == ["prompt 0", "prompt 1", "prompt 3", "prompt 4"]
     shares = [list(build_dataset(cfg_for(path, streaming=True, max_samples=3), rank=r, world_size=2)) for r in range(2)]
     assert [len(s) for s in shares] == [2, 2]  # ceil(3 / 2) groups per process
+
+
+def test_datasets_pickle_for_spawned_workers(tmp_path):
+    """DataLoader workers started by spawn/forkserver receive the dataset pickled."""
+    import pickle
+
+    path = write_parquet(tmp_path / "p.parquet", pickapic_rows(3, labels=[1.0] * 3, size=(8, 8)))
+    a = write_image(tmp_path / "a.png", 1, (8, 8))
+    jsonl = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "x", "chosen": a, "rejected": a}])
+    for cfg in (cfg_for(path), cfg_for(jsonl)):
+        ds = build_dataset(cfg)
+        assert torch.equal(pickle.loads(pickle.dumps(ds))[0]["pixels"], ds[0]["pixels"])
+    for cfg in (cfg_for(path, streaming=True, shuffle_buffer=0), cfg_for(jsonl, streaming=True)):
+        ds = build_dataset(cfg)
+        assert [g["prompt"] for g in pickle.loads(pickle.dumps(ds))] == [g["prompt"] for g in ds]
