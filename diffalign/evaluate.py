@@ -1,0 +1,352 @@
+"""`diffalign eval`: generate with a model and a baseline from the same seeds, score both with
+reward models, and report the model's win rate over the baseline.
+
+    diffalign eval --model toy-sd --lora runs/mapo/lora --prompts toy \
+        --reward toy-reward,toy-judge --num-images 4 --seed 0 --output-dir runs/mapo/eval
+
+Image j of prompt i uses seed `seed + i * num_images + j` for both models, so each model image
+has a baseline twin that differs only in the weights. For every reward:
+- reward_mean / reward_std over all images, for the model and the baseline;
+- win_rate: the share of twins where the model scores higher (ties count half);
+- win_rate_ci: a 95% percentile bootstrap interval that resamples *prompts* (images of one
+  prompt are correlated, so resampling images would be too narrow); 2000 resamples, seeded.
+  win_rate_ci_wilson (Wilson score interval over images) is written beside it for reference.
+
+Writes OUT/eval.json, OUT/scores.jsonl (every image's scores), OUT/grid.png (baseline left,
+model right, same seeds) and prints a summary table. `evaluate()` is the same thing as a
+Python function, used by `diffalign train` at the end of the quickstart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffalign.errors import DiffalignError
+
+BOOTSTRAP_RESAMPLES = 2000
+TOY_MODELS = ("toy-sd", "toy-flow")
+# The toy models were trained for, and their data sampled with, 20 steps at guidance 4
+# (diffalign.toy.preference_data); the pipelines' own defaults (50 steps, 7.5) are for real models.
+TOY_CALL_DEFAULTS = {"num_inference_steps": 20, "guidance_scale": 4.0}
+
+
+# ------------------------------------------------------------------------------ statistics
+
+
+def win_fractions(model_scores: list[float], baseline_scores: list[float]) -> list[float]:
+    """1 where the model wins, 0 where it loses, 0.5 for a tie; one value per image pair."""
+    if len(model_scores) != len(baseline_scores):
+        raise DiffalignError(f"{len(model_scores)} model scores but {len(baseline_scores)} baseline scores: "
+                             "score the same images for both")
+    return [1.0 if m > b else 0.0 if m < b else 0.5 for m, b in zip(model_scores, baseline_scores)]
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval for a proportion (ties enter as half successes)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (centre - half, centre + half)
+
+
+def bootstrap_over_prompts(wins: list[float], prompt_ids: list[int], resamples: int = BOOTSTRAP_RESAMPLES,
+                           seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the win rate when whole prompts (with all their images) are drawn
+    with replacement; the statistic is the mean over the drawn images."""
+    by_prompt: dict[int, list[float]] = {}
+    for w, p in zip(wins, prompt_ids):
+        by_prompt.setdefault(p, []).append(w)
+    groups = [(sum(v), len(v)) for v in by_prompt.values()]
+    rng = random.Random(seed)
+    stats = []
+    for _ in range(resamples):
+        draw = [groups[rng.randrange(len(groups))] for _ in groups]
+        stats.append(sum(s for s, _ in draw) / sum(n for _, n in draw))
+    stats.sort()
+    lo_index = int(math.floor((1 - level) / 2 * resamples))
+    hi_index = min(resamples - 1, int(math.ceil((1 + level) / 2 * resamples)) - 1)
+    return (stats[lo_index], stats[hi_index])
+
+
+def summarise(model_scores: list[float], baseline_scores: list[float], prompt_ids: list[int], seed: int = 0) -> dict:
+    """eval.json's entry for one reward."""
+    wins = win_fractions(model_scores, baseline_scores)
+    model_t, base_t = torch.tensor(model_scores, dtype=torch.float64), torch.tensor(baseline_scores, dtype=torch.float64)
+    lo, hi = bootstrap_over_prompts(wins, prompt_ids, seed=seed)
+    wl, wh = wilson_interval(sum(wins), len(wins))
+    std = (lambda t: float(t.std(unbiased=True)) if len(t) > 1 else 0.0)
+    return {
+        "model": {"reward_mean": float(model_t.mean()), "reward_std": std(model_t)},
+        "baseline": {"reward_mean": float(base_t.mean()), "reward_std": std(base_t)},
+        "win_rate": sum(wins) / len(wins),
+        "win_rate_ci": [lo, hi],
+        "win_rate_ci_wilson": [wl, wh],
+        "ties": sum(1 for w in wins if w == 0.5),
+        "num_prompts": len(set(prompt_ids)),
+        "num_images": len(wins),
+    }
+
+
+# ------------------------------------------------------------------------------ inputs
+
+
+def read_prompts(source: str) -> list[str]:
+    """'toy' (the toy world's held-out prompts), or a .txt (one a line), .jsonl ({"prompt"})
+    or .json (a list of strings) file."""
+    if source == "toy":
+        from diffalign.paths import asset
+
+        shipped = asset("toy-data") / "prompts_heldout.txt"
+        if shipped.is_file():
+            return [line for line in shipped.read_text().splitlines() if line.strip()]
+        from diffalign.toy.render import split_prompts
+
+        return [scene.prompt for scene in split_prompts()[1]]
+    path = Path(source)
+    if not path.is_file():
+        raise DiffalignError(f"prompt file {source!r} not found: pass --prompts toy or a .txt/.jsonl/.json file")
+    if path.suffix == ".jsonl":
+        prompts = [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+    elif path.suffix == ".json":
+        prompts = json.loads(path.read_text())
+    else:
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise DiffalignError(f"no prompts in {source!r}: write one prompt a line (.txt) or a JSON list of strings")
+    return prompts
+
+
+def resolve_model(model: str) -> str:
+    """'toy-sd'/'toy-flow' -> the shipped asset folder; anything else is a path or a hub id."""
+    if model in TOY_MODELS:
+        from diffalign.paths import asset
+
+        return str(asset(model))
+    return model
+
+
+def load_pipeline(model: Any, device: torch.device, dtype: torch.dtype):
+    """A DiffusionPipeline from a name/path, or the given pipeline object itself."""
+    if not isinstance(model, str):
+        return model
+    from diffusers import DiffusionPipeline
+
+    path = resolve_model(model)
+    # Components stored as null (e.g. SD3 without T5) must be named to load: diffusers' rule.
+    nulls = {}
+    index_file = Path(path) / "model_index.json"
+    if index_file.is_file():
+        index = json.loads(index_file.read_text())
+        nulls = {k: None for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[0] is None}
+    try:
+        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, **nulls)
+    except (OSError, ValueError) as err:
+        raise DiffalignError(f"cannot load pipeline {model!r} ({str(err).splitlines()[0]}): pass a diffusers folder, "
+                             f"a hub id you have downloaded, or one of {', '.join(TOY_MODELS)}") from err
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_lora(pipe, lora: str) -> None:
+    if not Path(lora).exists():
+        raise DiffalignError(f"LoRA {lora!r} not found: pass the folder that save_lora_weights wrote")
+    pipe.load_lora_weights(lora)
+
+
+# ------------------------------------------------------------------------------ generate + score
+
+
+def image_seeds(num_prompts: int, num_images: int, seed: int) -> list[int]:
+    return [seed + i * num_images + j for i in range(num_prompts) for j in range(num_images)]
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], seeds: list[int], batch_size: int, call_kwargs: dict, desc: str) -> torch.Tensor:
+    """uint8 (N, 3, H, W) images; image i is drawn from torch.Generator().manual_seed(seeds[i])."""
+    from tqdm.auto import tqdm
+
+    out = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc):
+        gens = [torch.Generator().manual_seed(s) for s in seeds[start : start + batch_size]]
+        images = pipe(prompt=prompts[start : start + batch_size], generator=gens, output_type="pt", **call_kwargs).images
+        out.append((images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def score(reward, images: torch.Tensor, prompts: list[str], batch_size: int, device: torch.device) -> list[float]:
+    values = []
+    for start in range(0, len(prompts), batch_size):
+        batch = images[start : start + batch_size].to(device).float() / 255.0
+        values += reward.score(batch, prompts[start : start + batch_size]).float().cpu().tolist()
+    return values
+
+
+def load_rewards(rewards: Any, device: torch.device) -> dict[str, Any]:
+    """'a,b' or a list of names / Reward objects / callables -> {name: reward}."""
+    from diffalign.rewards import as_reward
+
+    if isinstance(rewards, str):
+        rewards = [r.strip() for r in rewards.split(",") if r.strip()]
+    if not rewards:
+        raise DiffalignError("no reward given: pass --reward NAME[,NAME] (e.g. toy-reward,toy-judge)")
+    loaded = {}
+    for item in rewards:
+        reward = as_reward(item, device=device) if isinstance(item, str) else as_reward(item)
+        loaded[item if isinstance(item, str) else reward.name] = reward
+    return loaded
+
+
+# ------------------------------------------------------------------------------ outputs
+
+
+def write_grid(path: Path, baseline: torch.Tensor, model: torch.Tensor, num_images: int,
+               max_prompts: int = 8, max_images: int = 4, tile: int = 128) -> Path:
+    """Rows = prompts; left block the baseline's images, right block the model's, same seeds."""
+    from PIL import Image, ImageDraw
+
+    num_prompts = min(max_prompts, len(model) // num_images)
+    cols = min(max_images, num_images)
+    gap, header = 16, 20
+    width = 2 * cols * tile + gap
+    grid = Image.new("RGB", (width, header + num_prompts * tile), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    draw.text((4, 4), "baseline", fill=(0, 0, 0))
+    draw.text((cols * tile + gap + 4, 4), "model", fill=(0, 0, 0))
+    for p in range(num_prompts):
+        for j in range(cols):
+            for block, images in enumerate((baseline, model)):
+                array = images[p * num_images + j].permute(1, 2, 0).numpy()
+                picture = Image.fromarray(array).resize((tile, tile), Image.NEAREST if array.shape[0] < tile else Image.BICUBIC)
+                grid.paste(picture, (block * (cols * tile + gap) + j * tile, header + p * tile))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def format_table(results: dict) -> str:
+    lines = [f"{'reward':<14}{'model':>20}{'baseline':>20}   win rate [95% CI]"]
+    for name, r in results["rewards"].items():
+        m, b = r["model"], r["baseline"]
+        lo, hi = r["win_rate_ci"]
+        lines.append(f"{name:<14}{m['reward_mean']:>11.3f} ± {m['reward_std']:<6.3f}{b['reward_mean']:>11.3f} ± {b['reward_std']:<6.3f}"
+                     f"   {r['win_rate']:.3f} [{lo:.3f}, {hi:.3f}]")
+    lines.append(f"{results['num_prompts']} prompts x {results['images_per_prompt']} images, seed {results['seed']}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ entry points
+
+
+def evaluate(model: Any, baseline: Any, prompts: list[str] | str, rewards: Any, num_images: int, seed: int,
+             output_dir: str | Path, *, lora: str | None = None, steps: int | None = None,
+             guidance: float | None = None, resolution: int | None = None, batch_size: int = 8,
+             max_prompts: int | None = None, device: str | None = None, dtype: str = "fp32",
+             verbose: bool = True) -> dict:
+    """Generate `num_images` per prompt with `model` (plus `lora`) and `baseline`, same seeds,
+    score with `rewards`, write eval.json + scores.jsonl + grid.png to `output_dir`, return the
+    eval.json dict. `model`/`baseline` are names, paths or loaded pipelines; baseline None means
+    the model without the LoRA. `prompts` is a list or a --prompts source ('toy', a file)."""
+    from diffalign.rewards import as_dtype
+
+    if num_images < 1:
+        raise DiffalignError(f"--num-images {num_images}: generate at least one image per prompt")
+    if baseline is None and lora is None:
+        raise DiffalignError("nothing to compare: give --lora (baseline = the model without it) or --baseline MODEL")
+    prompt_list = read_prompts(prompts) if isinstance(prompts, str) else list(prompts)
+    if max_prompts:
+        prompt_list = prompt_list[:max_prompts]
+    if not prompt_list:
+        raise DiffalignError("no prompts to evaluate: pass --prompts toy or a non-empty prompt file")
+    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = as_dtype(dtype) or torch.float32
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    call_kwargs: dict[str, Any] = dict(TOY_CALL_DEFAULTS) if model in TOY_MODELS else {}
+    if steps is not None:
+        call_kwargs["num_inference_steps"] = steps
+    if guidance is not None:
+        call_kwargs["guidance_scale"] = guidance
+    if resolution is not None:
+        call_kwargs["height"] = call_kwargs["width"] = resolution
+    all_prompts = [p for p in prompt_list for _ in range(num_images)]
+    seeds = image_seeds(len(prompt_list), num_images, seed)
+    prompt_ids = [i for i in range(len(prompt_list)) for _ in range(num_images)]
+
+    # The baseline first: with baseline None it is the same pipeline before the LoRA goes in.
+    base_pipe = load_pipeline(baseline if baseline is not None else model, torch_device, torch_dtype)
+    baseline_images = generate(base_pipe, all_prompts, seeds, batch_size, call_kwargs, "baseline")
+    model_pipe = base_pipe if baseline is None else load_pipeline(model, torch_device, torch_dtype)
+    if baseline is not None:
+        del base_pipe
+    if lora is not None:
+        load_lora(model_pipe, lora)
+    model_images = generate(model_pipe, all_prompts, seeds, batch_size, call_kwargs, "model")
+    del model_pipe
+
+    results: dict[str, Any] = {
+        "model": model if isinstance(model, str) else type(model).__name__,
+        "lora": lora,
+        "baseline": (baseline if isinstance(baseline, str) else type(baseline).__name__) if baseline is not None
+        else f"{model if isinstance(model, str) else 'model'} without LoRA",
+        "num_prompts": len(prompt_list),
+        "images_per_prompt": num_images,
+        "num_images": len(all_prompts),
+        "seed": seed,
+        "seeds": "seed + prompt_index * images_per_prompt + image_index",
+        "call_kwargs": call_kwargs,
+        "win_rate_ci_method": f"percentile bootstrap over prompts, {BOOTSTRAP_RESAMPLES} resamples, 95%",
+        "rewards": {},
+    }
+    per_image: dict[str, dict[str, list[float]]] = {}
+    for name, reward in load_rewards(rewards, torch_device).items():
+        m = score(reward, model_images, all_prompts, batch_size, torch_device)
+        b = score(reward, baseline_images, all_prompts, batch_size, torch_device)
+        results["rewards"][name] = summarise(m, b, prompt_ids, seed=seed)
+        per_image[name] = {"model": m, "baseline": b}
+
+    (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+    with open(out / "scores.jsonl", "w") as f:
+        for i, (prompt, s) in enumerate(zip(all_prompts, seeds)):
+            row = {"prompt": prompt, "seed": s, **{n: {k: v[i] for k, v in d.items()} for n, d in per_image.items()}}
+            f.write(json.dumps(row) + "\n")
+    write_grid(out / "grid.png", baseline_images, model_images, num_images)
+    if verbose:
+        print(format_table(results))
+        print(f"wrote {out / 'eval.json'}, {out / 'scores.jsonl'} and {out / 'grid.png'}")
+    return results
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="diffusers folder, hub id, or toy-sd / toy-flow")
+    parser.add_argument("--lora", default=None, help="LoRA folder loaded with pipe.load_lora_weights")
+    parser.add_argument("--baseline", default=None, help="model to compare against (default: --model without --lora)")
+    parser.add_argument("--prompts", default="toy", help="'toy' (held-out toy prompts) or a .txt/.jsonl/.json file")
+    parser.add_argument("--reward", default="toy-reward,toy-judge", help="comma-separated reward names")
+    parser.add_argument("--num-images", type=int, default=4, help="images per prompt and model")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--steps", type=int, default=None, help="inference steps (default: the pipeline's; toy models: 20)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's; toy models: 4)")
+    parser.add_argument("--resolution", type=int, default=None, help="image height = width (default: the pipeline's)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
+    parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    parser.add_argument("--dtype", default="fp32", help="fp32, fp16 or bf16")
+
+
+def run(args: argparse.Namespace) -> int:
+    evaluate(args.model, args.baseline, args.prompts, args.reward, args.num_images, args.seed, args.output_dir,
+             lora=args.lora, steps=args.steps, guidance=args.guidance, resolution=args.resolution,
+             batch_size=args.batch_size, max_prompts=args.max_prompts, device=args.device, dtype=args.dtype)
+    return 0

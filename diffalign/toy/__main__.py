@@ -1,0 +1,5 @@
+import sys
+
+from diffalign.toy.build import main
+
+sys.exit(main())

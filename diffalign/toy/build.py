@@ -1,0 +1,163 @@
+"""`python -m diffalign.toy build`: rebuild the shipped toy assets from scratch, seeded.
+
+    python -m diffalign.toy build                       # everything, in dependency order
+    python -m diffalign.toy build --only toy-reward,toy-judge --device cuda
+    python -m diffalign.toy grid --out docs/img/toy-samples.png   # rendered vs sampled scenes
+
+Builders, in order (each reads only what the earlier ones wrote):
+  toy-reward, toy-judge   CLIP rewards (clip_reward.py)
+  vae                     the shared autoencoder, kept in --work (generators.py)
+  toy-sd, toy-flow        the base generators (generators.py)
+  toy-data                prompt lists and preference data from both generators (preference_data.py)
+
+Every random draw is seeded, so a CPU rebuild gives the same assets every time; a GPU
+rebuild is the same recipe but not bit-identical (different kernels). Metrics land in
+<work>/metrics/<builder>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from diffalign.errors import DiffalignError
+
+BUILDERS = ("toy-reward", "toy-judge", "vae", "toy-sd", "toy-flow", "toy-data")
+DATA_PROMPTS = {"toy-sd": 512, "toy-flow": 256}
+
+
+def tokenizer_dir(work: Path) -> Path:
+    from diffalign.rewards.clip_tokenizer import write_clip_tokenizer
+
+    folder = work / "clip-tokenizer"
+    if not (folder / "vocab.json").is_file():
+        write_clip_tokenizer(folder)
+    return folder
+
+
+def run_builder(name: str, out: Path, work: Path, device: torch.device, smoke: bool = False) -> dict:
+    from dataclasses import replace
+
+    from diffalign.toy import clip_reward, generators, preference_data
+
+    tok = tokenizer_dir(work)
+    spec = generators.GeneratorSpec()
+    reward_spec, judge_spec, data_prompts = clip_reward.REWARD_SPEC, clip_reward.JUDGE_SPEC, DATA_PROMPTS
+    if smoke:  # a few steps of everything: checks the plumbing, not the models
+        spec = replace(spec, vae_steps=2, steps=2, batch_size=8, renders_per_scene=1)
+        reward_spec = replace(reward_spec, steps=2, batch_size=16, renders_per_scene=1)
+        judge_spec = replace(judge_spec, steps=2, batch_size=16, renders_per_scene=1)
+        data_prompts = {"toy-sd": 8, "toy-flow": 4}
+    heldout_prompts = 4 if smoke else None
+    if name == "toy-reward":
+        return clip_reward.train_clip(reward_spec, out / name, tok, device)
+    if name == "toy-judge":
+        return clip_reward.train_clip(judge_spec, out / name, tok, device)
+    if name == "vae":
+        return generators.train_vae(work / "vae", spec, device)
+    if name in ("toy-sd", "toy-flow"):
+        require(work / "vae" / "config.json", "vae")
+        train = generators.train_toy_sd if name == "toy-sd" else generators.train_toy_flow
+        return train(out / name, work / "vae", tok, spec, device)
+    # toy-data
+    for needed in ("toy-reward", "toy-judge", "toy-sd", "toy-flow"):
+        require(out / needed, needed)
+    data = out / "toy-data"
+    preference_data.write_prompt_lists(data)
+    return {
+        model: preference_data.build_preference_data(out / model, out / "toy-reward", out / "toy-judge", data / model,
+                                                     device, data_prompts[model], heldout_prompts)
+        for model in ("toy-sd", "toy-flow")
+    }
+
+
+def require(path: Path, builder: str) -> None:
+    if not path.exists():
+        raise DiffalignError(f"{path} is missing: build it first with `python -m diffalign.toy build --only {builder}`")
+
+
+def build(only: list[str], out: Path, work: Path, device_name: str, smoke: bool = False) -> dict:
+    from diffalign.toy.common import pick_device
+
+    unknown = [n for n in only if n not in BUILDERS]
+    if unknown:
+        raise DiffalignError(f"unknown toy builder(s) {unknown}: choose from {', '.join(BUILDERS)}")
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    (work / "metrics").mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name in [b for b in BUILDERS if b in only]:
+        start = time.time()
+        print(f"== building {name} on {device}", flush=True)
+        results[name] = run_builder(name, out, work, device, smoke)
+        results[name + "_seconds"] = round(time.time() - start, 1)
+        (work / "metrics" / f"{name}.json").write_text(json.dumps(
+            {"metrics": results[name], "seconds": results[name + "_seconds"], "device": str(device)}, indent=2) + "\n")
+    return results
+
+
+def write_sample_grid(out_png: Path, assets: Path, device_name: str = "cpu", rows: int = 6) -> Path:
+    """Rows of held-out prompts: a render of the scene, then 3 toy-sd and 3 toy-flow samples."""
+    from diffalign.toy import preference_data
+    from diffalign.toy.common import pick_device
+    from diffalign.toy.render import make_grid, render, split_prompts
+
+    device = pick_device(device_name)
+    _, heldout = split_prompts()
+    scenes = heldout[:: max(1, len(heldout) // rows)][:rows]
+    tiles = {}
+    for model in ("toy-sd", "toy-flow"):
+        pipe = preference_data.load_toy_pipeline(assets / model, device)
+        prompts = [s.prompt for s in scenes for _ in range(3)]
+        seeds = list(range(len(prompts)))
+        tiles[model] = preference_data.generate(pipe, prompts, seeds, desc=f"grid {model}")
+    images = []
+    for i, scene in enumerate(scenes):
+        images.append(render(scene, 0))
+        for model in ("toy-sd", "toy-flow"):
+            images += [to_pil(tiles[model][3 * i + j]) for j in range(3)]
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    make_grid(images, columns=7, scale=3).save(out_png)
+    (out_png.with_suffix(".txt")).write_text("".join(s.prompt + "\n" for s in scenes))
+    return out_png
+
+
+def to_pil(image01: torch.Tensor):
+    from PIL import Image
+
+    return Image.fromarray((image01.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+
+
+def main(argv: list[str] | None = None) -> int:
+    from diffalign.paths import assets_dir
+
+    parser = argparse.ArgumentParser(prog="python -m diffalign.toy", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="rebuild toy assets")
+    b.add_argument("--only", default=",".join(BUILDERS), help=f"comma-separated subset of {', '.join(BUILDERS)}")
+    b.add_argument("--out", type=Path, default=None, help="assets folder (default: the package's assets/)")
+    b.add_argument("--work", type=Path, default=Path("build/toy"), help="intermediate files (tokenizer, vae, metrics)")
+    b.add_argument("--device", default="cpu", help="cpu (default, reproducible), cuda or auto")
+    b.add_argument("--smoke", action="store_true", help="two steps of everything: a plumbing check, useless models")
+    g = sub.add_parser("grid", help="write a picture of rendered vs sampled held-out scenes")
+    g.add_argument("--out", type=Path, default=Path("docs/img/toy-samples.png"))
+    g.add_argument("--assets", type=Path, default=None, help="assets folder (default: the package's assets/)")
+    g.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "build":
+            only = [n.strip() for n in args.only.split(",") if n.strip()]
+            results = build(only, args.out or assets_dir(), args.work, args.device, args.smoke)
+            print(json.dumps(results, indent=2))
+        else:
+            print(write_sample_grid(args.out, args.assets or assets_dir(), args.device))
+    except DiffalignError as err:
+        print(f"diffalign.toy: error: {err}")
+        return 2
+    return 0

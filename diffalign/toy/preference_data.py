@@ -1,0 +1,196 @@
+"""Toy preference data, made the way RankDPO's Syn-Pic is made: sample K images per training
+prompt from a toy base model (fixed seeds), score them with toy-reward, rank them.
+
+Written for each base model under assets/toy-data/<model>/:
+- ranked.parquet: caption, jpg_0..jpg_{K-1} (PNG bytes, best first), label_0..label_{K-1}
+  (toy-reward scores, descending): the Pick-a-Pic schema widened to K images, which
+  diffalign.data reads with image_columns/label_columns set to all K.
+- pairs.parquet: the Pick-a-Pic v2 schema (caption, jpg_0, jpg_1, label_0, label_1): best vs
+  worst of each list, label_0 = 1 (the winner is always jpg_0).
+- pairs_captioned.parquet: the same pairs plus caption_0/caption_1 for DCPO. The winner keeps
+  the prompt; the loser gets the one-attribute edit of the prompt that toy-reward finds fits it
+  best, i.e. a description of what the loser actually shows ("three" where it drew three).
+- stats.json: settings, sizes, toy-reward/toy-judge agreement and base-model accuracy.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from diffalign.toy import clip_reward
+from diffalign.toy.render import ATTRIBUTES, VALUES, Scene, all_scenes, split_prompts
+
+K = 4
+STEPS = 20
+GUIDANCE = 4.0
+SEED_BASE = 7_000_000
+
+
+def image_seed(prompt_index: int, k: int) -> int:
+    """Image k of prompt p always gets the same seed, whatever the batching."""
+    return SEED_BASE + prompt_index * 16 + k
+
+
+def load_clip(folder: Path, device: torch.device):
+    from transformers import CLIPModel, CLIPTokenizer
+
+    return CLIPModel.from_pretrained(folder).to(device).eval(), CLIPTokenizer.from_pretrained(folder)
+
+
+def load_toy_pipeline(folder: Path, device: torch.device):
+    """Either toy pipeline; SD3 without T5 needs its null encoder named (diffusers' own rule)."""
+    from diffusers import DiffusionPipeline
+
+    index = json.loads((folder / "model_index.json").read_text())
+    nulls = {name: None for name, value in index.items() if isinstance(value, list) and value[0] is None}
+    pipe = DiffusionPipeline.from_pretrained(folder, **nulls).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], seeds: list[int], steps: int = STEPS, guidance: float = GUIDANCE,
+             batch_size: int = 256, desc: str = "sample") -> torch.Tensor:
+    """(N, 3, H, W) in [0, 1]; image i uses torch.Generator().manual_seed(seeds[i])."""
+    out = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, mininterval=5):
+        batch = prompts[start : start + batch_size]
+        gens = [torch.Generator().manual_seed(s) for s in seeds[start : start + batch_size]]
+        images = pipe(prompt=batch, generator=gens, num_inference_steps=steps, guidance_scale=guidance, output_type="pt").images
+        out.append(images.float().cpu())
+    return torch.cat(out)
+
+
+def one_attribute_edits(scene: Scene) -> list[Scene]:
+    """Every scene that differs from `scene` in exactly one attribute (14 of them)."""
+    return [replace(scene, **{a: v}) for a in ATTRIBUTES for v in VALUES[a] if v != getattr(scene, a)]
+
+
+def png_bytes(image01: torch.Tensor) -> bytes:
+    from PIL import Image
+
+    array = (image01.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+@torch.no_grad()
+def prompt_following(judge, tokenizer, images01: torch.Tensor, scenes: list[Scene], device) -> dict:
+    """How often images show their prompt, by a CLIP judge: top-1 among all 1080 prompts, and
+    per attribute the share where the true prompt beats every edit of that attribute."""
+    everything = all_scenes()
+    index = {s: i for i, s in enumerate(everything)}
+    scores = torch.cat([
+        clip_reward.score_matrix(judge, tokenizer, chunk, [s.prompt for s in everything], device).cpu()
+        for chunk in images01.split(512)
+    ])
+    truth = torch.tensor([index[s] for s in scenes])
+    result = {"prompt_top1": round((scores.argmax(1) == truth).float().mean().item(), 4)}
+    for attribute in ATTRIBUTES:
+        correct = []
+        for i, scene in enumerate(scenes):
+            rivals = [index[replace(scene, **{attribute: v})] for v in VALUES[attribute] if v != getattr(scene, attribute)]
+            correct.append(bool(scores[i, truth[i]] > scores[i, rivals].max()))
+        result[attribute] = round(sum(correct) / len(correct), 4)
+    return result
+
+
+def pairwise_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Share of within-row image pairs that two scorers order the same way; (P, K) each."""
+    agree, total = 0, 0
+    for i in range(a.shape[1]):
+        for j in range(i + 1, a.shape[1]):
+            agree += ((a[:, i] - a[:, j]) * (b[:, i] - b[:, j]) > 0).sum().item()
+            total += a.shape[0]
+    return agree / total
+
+
+def write_parquet(path: Path, columns: dict[str, list]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path, compression="zstd")
+
+
+def build_preference_data(model_dir: Path, reward_dir: Path, judge_dir: Path, out_dir: Path, device: torch.device,
+                          num_prompts: int, heldout_prompts: int | None = None, log=print) -> dict:
+    start = time.time()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pipe = load_toy_pipeline(model_dir, device)
+    reward, reward_tok = load_clip(reward_dir, device)
+    judge, judge_tok = load_clip(judge_dir, device)
+    train_scenes, heldout_scenes = split_prompts()
+    heldout_scenes = heldout_scenes[:heldout_prompts]
+    # an evenly spread subset keeps every attribute value in the data
+    step = max(1, len(train_scenes) // num_prompts)
+    scenes = train_scenes[::step][:num_prompts]
+    prompts = [s.prompt for s in scenes for _ in range(K)]
+    seeds = [image_seed(p, k) for p in range(len(scenes)) for k in range(K)]
+    images = generate(pipe, prompts, seeds, desc=f"sample {model_dir.name}")  # (P*K, 3, H, W)
+
+    def own_prompt_scores(model, tok):
+        return torch.cat([
+            clip_reward.score_matrix(model, tok, images[i : i + K], [scenes[i // K].prompt], device)[:, 0].cpu()
+            for i in range(0, len(images), K)
+        ]).view(len(scenes), K)
+
+    reward_scores = own_prompt_scores(reward, reward_tok)  # (P, K)
+    judge_scores = own_prompt_scores(judge, judge_tok)
+    order = reward_scores.argsort(dim=1, descending=True)
+
+    ranked = {"caption": [s.prompt for s in scenes]}
+    for k in range(K):
+        ranked[f"jpg_{k}"] = [png_bytes(images[p * K + order[p, k]]) for p in range(len(scenes))]
+    for k in range(K):
+        ranked[f"label_{k}"] = [float(reward_scores[p, order[p, k]]) for p in range(len(scenes))]
+    write_parquet(out_dir / "ranked.parquet", ranked)
+
+    pairs = {"caption": ranked["caption"], "jpg_0": ranked["jpg_0"], "jpg_1": ranked[f"jpg_{K - 1}"],
+             "label_0": [1.0] * len(scenes), "label_1": [0.0] * len(scenes)}
+    write_parquet(out_dir / "pairs.parquet", pairs)
+    loser_captions = []
+    for p, scene in enumerate(scenes):
+        edits = one_attribute_edits(scene)
+        loser = images[p * K + order[p, K - 1]][None]
+        fit = clip_reward.score_matrix(reward, reward_tok, loser, [e.prompt for e in edits], device)[0]
+        loser_captions.append(edits[int(fit.argmax())].prompt)
+    write_parquet(out_dir / "pairs_captioned.parquet", {**pairs, "caption_0": ranked["caption"], "caption_1": loser_captions})
+
+    # how good is the base model, judged independently, on held-out prompts
+    heldout_text = [s.prompt for s in heldout_scenes for _ in range(K)]
+    heldout_seeds = [image_seed(100_000 + p, k) for p in range(len(heldout_scenes)) for k in range(K)]
+    heldout_images = generate(pipe, heldout_text, heldout_seeds, desc="sample held-out")
+    heldout_owner = [s for s in heldout_scenes for _ in range(K)]
+    best, worst = order[:, 0], order[:, K - 1]
+    rows = torch.arange(len(scenes))
+    stats = {
+        "model": model_dir.name,
+        "num_prompts": len(scenes),
+        "images_per_prompt": K,
+        "num_pairs": len(scenes),
+        "sampling": {"steps": STEPS, "guidance_scale": GUIDANCE, "seed": f"{SEED_BASE} + 16 * prompt_index + k"},
+        "judge_agrees_on_pairs": round((judge_scores[rows, best] > judge_scores[rows, worst]).float().mean().item(), 4),
+        "judge_reward_pairwise_agreement": round(pairwise_agreement(reward_scores, judge_scores), 4),
+        "reward_margin_best_minus_worst": round((reward_scores[rows, best] - reward_scores[rows, worst]).mean().item(), 3),
+        "base_model_heldout_following_by_judge": prompt_following(judge, judge_tok, heldout_images, heldout_owner, device),
+        "base_model_train_following_by_judge": prompt_following(judge, judge_tok, images, [s for s in scenes for _ in range(K)], device),
+        "seconds": round(time.time() - start, 1),
+    }
+    (out_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    log(f"[toy-data/{model_dir.name}] {stats}")
+    return stats
+
+
+def write_prompt_lists(out_dir: Path) -> None:
+    train, heldout = split_prompts()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "prompts_train.txt").write_text("".join(s.prompt + "\n" for s in train))
+    (out_dir / "prompts_heldout.txt").write_text("".join(s.prompt + "\n" for s in heldout))
