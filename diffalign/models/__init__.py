@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
@@ -58,6 +58,7 @@ PIPELINE_FAMILIES = {
 }
 
 
+@runtime_checkable
 class ModelAdapter(Protocol):
     """What the ELBO core, the cache and the training loop rely on (see docs/architecture.md)."""
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from diffalign.errors import DiffalignError
-from diffalign.models import load_adapter
+from diffalign.models import ModelAdapter, load_adapter
 from diffalign.testing import TINY_RESOLUTION, TINY_VARIANTS
 
 VARIANTS = TINY_VARIANTS
@@ -34,6 +34,7 @@ def _hand_alpha_bar(config):
 def test_loads_from_saved_folder(variant, loaded_adapters):
     family, options = VARIANTS[variant]
     adapter = loaded_adapters(variant)
+    assert isinstance(adapter, ModelAdapter)  # every attribute and method of the contract
     assert adapter.family == family
     expected = "flow" if family in ("sd3", "flux") else options.get("prediction_type", "epsilon")
     assert adapter.prediction_type == expected
