@@ -106,8 +106,11 @@ def load_adapter(
         pipe = model
     family = detect_family(pipe)
     pipe.to(torch.device(device))
-    if pipe.dtype != dtype:  # casting when not needed only makes diffusers warn
-        pipe.to(dtype=dtype)
+    for module in pipe.components.values():
+        # cast component by component (a passed pipeline may mix dtypes); casting a module that
+        # already has the dtype only makes diffusers warn
+        if isinstance(module, torch.nn.Module) and module.dtype != dtype:
+            module.to(dtype=dtype)
     if dtype == torch.float16 and pipe.vae.config.force_upcast:
         # SD/SDXL VAEs overflow in fp16 (diffusers' pipelines upcast them too); keep it in fp32
         # unless the VAE says it is fp16-safe (e.g. madebyollin/sdxl-vae-fp16-fix).
