@@ -71,7 +71,7 @@ class TrainConfig:
     cache_latents: bool = False
     """Train from a latent + text-embedding cache (built on first use); no VAE/text encoder in the loop."""
     cache_dir: str | None = None
-    """Where the cache lives (None: OUTPUT/../.diffalign-cache keyed by model, resolution and data)."""
+    """Where the cache lives (None: OUTPUT/latent-cache); a sub-folder per model, resolution and data."""
     num_workers: int = 0
     """DataLoader worker processes."""
 

@@ -207,12 +207,10 @@ def cached_inputs(batch: dict, cfg: TrainConfig, uses_captions: bool, generator:
     """Latents and per-image conditioning straight from the cache (caption dropout included)."""
     latents = batch["latents"].to(device)
     b, k = latents.shape[:2]
-    if not uses_captions and any(c != p for p, cs in zip(batch["prompts"], batch["captions"]) for c in cs):
-        raise DiffalignError(
-            "the latent cache holds per-image captions but this method conditions on the prompt: "
-            "train without --cache-latents, or use --method dcpo"
-        )
-    cond = {key: value.flatten(0, 1) for key, value in batch["cond"].items()}  # (B*K, ...)
+    if uses_captions:
+        cond = {key: value.flatten(0, 1) for key, value in batch["cond"].items()}  # (B*K, ...)
+    else:  # every image of a group on its prompt
+        cond = {key: value.repeat_interleave(k, dim=0) for key, value in batch["prompt_cond"].items()}
     if cfg.caption_dropout > 0:
         drop = caption_dropout_mask(cfg, generator, rows, total).repeat_interleave(k)
         empty = batch["empty_cond"]
@@ -307,7 +305,7 @@ def train(cfg: TrainConfig, pipeline=None) -> dict:
         print(
             f"diffalign: {cfg.method} on {adapter.family} ({adapter.prediction_type}), "
             f"{'full fine-tune' if cfg.full_finetune else f'LoRA rank {cfg.lora_rank}'}, attention={attention}, "
-            f"{len(dataset)} groups, {sum(p.numel() for p in params):,} trainable parameters, hparams={hparams}"
+            f"{len(dataset) if hasattr(dataset, '__len__') else 'streamed'} groups, {sum(p.numel() for p in params):,} trainable parameters, hparams={hparams}"
         )
     metrics_file = open(out / "metrics.jsonl", "a") if main else None
     stop = install_stop_handler()
@@ -323,29 +321,19 @@ def train(cfg: TrainConfig, pipeline=None) -> dict:
         path = ckpt.save_checkpoint(accelerator, out, step_state["step"], step_state, cfg.keep_checkpoints)
         return path
 
-    from torch.utils.data import DataLoader
-    from diffalign.data import collate_groups
-
     while state["step"] < cfg.max_steps and not interrupted:
-        order = GroupOrder(
-            len(dataset), cfg.seed, state["epoch"], accelerator.process_index, accelerator.num_processes,
-            cfg.batch_size, state["consumed"],
-        )
-        if len(order) < cfg.batch_size:
+        loader = make_loader(dataset, cfg, state, accelerator)
+        if loader is None:  # fewer groups left in this epoch than one batch
             if state["consumed"] == 0:
                 raise DiffalignError(
-                    f"the dataset has {len(dataset)} usable groups, fewer than one batch of {cfg.batch_size} per process: "
+                    f"the dataset has fewer usable groups than one batch of {cfg.batch_size} per process: "
                     "lower --batch-size or add data"
                 )
             state["epoch"], state["consumed"] = state["epoch"] + 1, 0
             continue
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(state["epoch"])
-        loader = DataLoader(
-            dataset, batch_size=cfg.batch_size, sampler=list(order), collate_fn=collate_groups,
-            num_workers=cfg.num_workers, drop_last=True,
-        )
+        produced = False
         for batch in loader:
+            produced = True
             batch["empty_cond"] = getattr(dataset, "empty_cond", None)
             micro = state["step"] * cfg.grad_accum + len(window)
             generator = micro_step_generator(cfg.seed, micro)
@@ -394,6 +382,11 @@ def train(cfg: TrainConfig, pipeline=None) -> dict:
             if state["step"] >= cfg.max_steps:
                 break
         else:
+            if not produced:
+                raise DiffalignError(
+                    f"this process's share of the stream holds fewer than {cfg.batch_size} groups: "
+                    "lower --batch-size, use fewer processes, or add data"
+                )
             state["epoch"], state["consumed"] = state["epoch"] + 1, 0
     progress.close()
     stop.restore()
@@ -419,6 +412,32 @@ def train(cfg: TrainConfig, pipeline=None) -> dict:
 
 
 # --------------------------------------------------------------------------- helpers of the loop
+def make_loader(dataset, cfg: TrainConfig, state: dict, accelerator):
+    """This process's batches for the rest of the current epoch (None when less than a batch is left).
+
+    Map-style data follows GroupOrder; a stream (`--streaming`) is already split by process
+    and resumes by skipping the groups it had consumed this epoch.
+    """
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from diffalign.data import collate_groups
+
+    if isinstance(dataset, IterableDataset):
+        dataset.set_epoch(state["epoch"])
+        dataset.skip(state["consumed"], batch_size=cfg.batch_size)
+        return DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=collate_groups,
+                          num_workers=cfg.num_workers, drop_last=True)
+    order = GroupOrder(len(dataset), cfg.seed, state["epoch"], accelerator.process_index,
+                       accelerator.num_processes, cfg.batch_size, state["consumed"])
+    if len(order) < cfg.batch_size:
+        return None
+    if hasattr(dataset, "set_epoch"):  # new augmentation draws each epoch
+        dataset.set_epoch(state["epoch"])
+    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=list(order), collate_fn=collate_groups,
+                      num_workers=cfg.num_workers, drop_last=True)
+
+
+
 def build_training_data(cfg: TrainConfig, adapter, accelerator, objective):
     from diffalign.data import DataConfig, build_dataset
 

@@ -154,3 +154,15 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_sd_dir, pairs_p
     b = load_file(str(two / "pytorch_lora_weights.safetensors"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)
+
+
+def test_streaming_run_resumes_exactly(tiny_sd_dir, pairs_parquet, tmp_path):
+    full = tmp_path / "full"
+    train(cfg_for(tiny_sd_dir, pairs_parquet, full, max_steps=3, streaming=True, batch_size=1))
+    part = tmp_path / "part"
+    train(cfg_for(tiny_sd_dir, pairs_parquet, part, max_steps=1, streaming=True, batch_size=1, checkpoint_every=1))
+    train(cfg_for(tiny_sd_dir, pairs_parquet, part, max_steps=3, streaming=True, batch_size=1, resume="latest"))
+    a = load_file(str(full / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(part / "pytorch_lora_weights.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
