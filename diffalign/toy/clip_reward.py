@@ -43,7 +43,7 @@ class ClipSpec:
     vision: dict = field(default_factory=dict)
     text: dict = field(default_factory=dict)
     projection_dim: int = 32
-    steps: int = 3000
+    steps: int = 2500
     batch_size: int = 256
     lr: float = 1e-3
     renders_per_scene: int = 48

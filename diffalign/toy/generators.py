@@ -34,8 +34,8 @@ CFG_DROPOUT = 0.1
 @dataclass
 class GeneratorSpec:
     seed: int = 0
-    vae_steps: int = 2000
-    steps: int = 5000
+    vae_steps: int = 1500
+    steps: int = 4000
     batch_size: int = 128
     lr: float = 5e-4
     renders_per_scene: int = 24
