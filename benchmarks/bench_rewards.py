@@ -155,10 +155,13 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--resolution", type=int, default=512, help="input images are RxR (resized by the reward)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (the CI box has 2 cores)")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="torch.backends.cudnn.benchmark=True (fp16 gradients: cuDNN's default pick for the patch conv is slow)")
     parser.add_argument("--output", help="write all rows as JSON here")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child-process mode
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if args.one:  # child: exactly one reward and dtype; print one JSON line
         print(json.dumps(bench_one(args.rewards, args.size, args.device, args.dtypes, args.batch, args.iters, args.resolution)))
         return
@@ -168,6 +171,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--one", "--rewards", name, "--size", args.size, "--device", args.device,
                    "--dtypes", dtype, "--batch", str(args.batch), "--iters", str(args.iters),
                    "--resolution", str(args.resolution), "--threads", str(args.threads)]
+            cmd += ["--cudnn-benchmark"] if args.cudnn_benchmark else []
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 print(f"{name} {dtype}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
