@@ -22,7 +22,8 @@ def _toy(name: str, path: str | None, device, dtype, opts: dict[str, Any]) -> Pi
         folder = asset(name)
         if not (folder / "config.json").is_file():
             raise DiffalignError(
-                f"toy asset {str(folder)!r} is missing: build the toy assets first (diffalign.toy) or pass path="
+                f"toy asset {str(folder)!r} is missing: build it with `python -m diffalign.toy build --only {name}` "
+                "or pass path=<folder>"
             )
         path = str(folder)
     return PickScoreReward.from_pretrained(path, device, dtype, name=name, **opts)

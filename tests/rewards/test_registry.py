@@ -153,3 +153,11 @@ def test_toy_rewards_load_through_pickscore(hf_clip_folder):
     with torch.no_grad():
         torch.testing.assert_close(judge.score(images, ["a", "b"]), pick.score(images, ["a", "b"]))
     assert judge.name == "toy-judge"
+
+
+def test_missing_toy_asset_names_the_build_command(monkeypatch, tmp_path):
+    import diffalign.paths
+
+    monkeypatch.setattr(diffalign.paths, "assets_dir", lambda: tmp_path)
+    with pytest.raises(DiffalignError, match="python -m diffalign.toy build --only toy-judge"):
+        load_reward("toy-judge")
