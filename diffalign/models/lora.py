@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 import copy
 from collections.abc import Iterator
 from pathlib import Path
@@ -264,13 +265,26 @@ def set_attention(denoiser: nn.Module, mode: str = "auto") -> str:
     model = _unwrap(denoiser)
     on_cuda = next(model.parameters()).device.type == "cuda"
     if mode == "auto":
-        mode = "xformers" if on_cuda and _xformers_imports() else "sdpa"
+        if not (on_cuda and _xformers_imports()):
+            return "sdpa"
+        try:
+            model.enable_xformers_memory_efficient_attention()
+            return "xformers"
+        except Exception as exc:  # e.g. a wheel built without CUDA kernels: its probe call fails
+            warnings.warn(f"xformers imports but cannot run here ({str(exc).splitlines()[0]}); using PyTorch SDPA", stacklevel=2)
+            return "sdpa"
     if mode == "xformers":
         if not on_cuda:
             raise DiffalignError("xformers attention needs a CUDA device (it has no CPU kernels): use --attention sdpa or auto")
         if not _xformers_imports():
             raise DiffalignError("xformers is not installed or does not match this torch: pip install 'diffalign[xformers]', or use --attention sdpa")
-        model.enable_xformers_memory_efficient_attention()
+        try:
+            model.enable_xformers_memory_efficient_attention()
+        except Exception as exc:
+            raise DiffalignError(
+                f"xformers cannot run on this GPU/torch ({str(exc).splitlines()[0]}): install a CUDA build matching "
+                "your torch, or use --attention sdpa"
+            ) from None
         return "xformers"
     # Nothing to switch: a freshly loaded diffusers model already runs SDPA (AttnProcessor2_0,
     # JointAttnProcessor2_0, and the dispatcher's "native" backend for FLUX). Call this once,
