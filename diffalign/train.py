@@ -569,11 +569,12 @@ def plot_training_curves(metrics_path: Path, png_path: Path) -> None:
 
 
 def run_final_eval(cfg: TrainConfig, out: Path) -> dict:
+    """Generate with the trained and the base model (same seeds), score, write OUTPUT/eval/."""
     from diffalign.evaluate import evaluate
 
+    trained = str(out) if cfg.full_finetune else cfg.model
     return evaluate(
-        model=cfg.model, lora=None if cfg.full_finetune else str(out), finetuned=str(out) if cfg.full_finetune else None,
-        baseline=cfg.model, prompts=cfg.eval_prompts, rewards=list(cfg.eval_rewards),
-        num_images=cfg.eval_num_images, seed=cfg.seed, output_dir=str(out / "eval"),
-        resolution=cfg.resolution, guidance_scale=cfg.guidance_scale, steps=cfg.validation_steps,
+        trained, cfg.model if cfg.full_finetune else None, cfg.eval_prompts, list(cfg.eval_rewards),
+        cfg.eval_num_images, cfg.seed, out / "eval", lora=None if cfg.full_finetune else str(out),
+        steps=cfg.validation_steps, guidance=cfg.guidance_scale, resolution=cfg.resolution,
     )
