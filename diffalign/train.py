@@ -14,7 +14,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -52,8 +52,22 @@ def quickstart_base(args) -> TrainConfig | None:
     method = getattr(args, "method", None) or user.get("method") or "dpo"
     name = "quickstart-flow.yaml" if method == "flow-dpo" else "quickstart.yaml"
     base = merge(TrainConfig(), load_yaml(configs_dir() / name), f"configs/{name}")
+    base.output_dir = f"outputs/quickstart-{method}"
+    # Method-specific data: ranked lists for rankdpo, per-image captions for dcpo.
+    data = {"rankdpo": "ranked.parquet", "dcpo": "pairs_captioned.parquet"}.get(method)
+    if data:
+        base.dataset = base.dataset.replace("pairs.parquet", data)
     print(f"diffalign: no --model/--dataset given: running the toy quickstart (configs/{name})")
     return base
+
+
+def resolve_shipped(name: str | None) -> str | None:
+    """`toy-sd`, `toy-data/...`: the shipped assets, unless a local path of that name exists."""
+    from diffalign.paths import asset
+
+    if name and name.startswith("toy-") and not Path(name).exists() and asset(name.split("/")[0]).exists():
+        return str(asset(name))
+    return name
 
 
 # --------------------------------------------------------------------------- data order
@@ -257,6 +271,7 @@ def train(cfg: TrainConfig, pipeline=None) -> dict:
     from diffalign.models.lora import set_attention
 
     objective = get_objective(cfg.method)
+    cfg = replace(cfg, model=resolve_shipped(cfg.model), dataset=resolve_shipped(cfg.dataset))
     out = check_output_dir(cfg.output_dir)
     accelerator = Accelerator(
         # Several processes and no GPU (e.g. `accelerate launch --multi_gpu --num_processes 2` on a
@@ -269,6 +284,8 @@ def train(cfg: TrainConfig, pipeline=None) -> dict:
     )
     set_seed(cfg.seed)
     main = accelerator.is_main_process
+    if cfg.report_to != "none":
+        accelerator.init_trackers("diffalign", config={k: v for k, v in asdict(cfg).items() if isinstance(v, (int, float, str, bool))})
 
     adapter = load_adapter(pipeline if pipeline is not None else cfg.model, device=accelerator.device,
                            dtype=weight_dtype_for(cfg))
@@ -365,7 +382,8 @@ def train(cfg: TrainConfig, pipeline=None) -> dict:
             if main and state["step"] % max(cfg.log_every, 1) == 0:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
-                accelerator.log(record, step=state["step"]) if cfg.report_to != "none" else None
+                if cfg.report_to != "none":
+                    accelerator.log(record, step=state["step"])
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('implicit_acc', float('nan')):.2f}")
             if cfg.validation_every and state["step"] % cfg.validation_every == 0 and main:

@@ -166,3 +166,37 @@ def test_streaming_run_resumes_exactly(tiny_sd_dir, pairs_parquet, tmp_path):
     b = load_file(str(part / "pytorch_lora_weights.safetensors"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+def test_sigterm_writes_a_checkpoint_and_resume_finishes(tiny_sd_dir, pairs_parquet, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from diffalign.objectives import dpo
+
+    real = dpo.loss
+    calls = {"n": 0}
+
+    def loss_then_sigterm(err, ref_err, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:  # a real SIGTERM during step 2, as a cluster scheduler sends it
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(err, ref_err, **kw)
+
+    monkeypatch.setattr(dpo, "loss", loss_then_sigterm)
+    out = tmp_path / "term"
+    result = train(cfg_for(tiny_sd_dir, pairs_parquet, out, max_steps=4))
+    assert result == {"interrupted": True, "step": 2}
+    assert (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file()
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+    monkeypatch.setattr(dpo, "loss", real)
+    train(cfg_for(tiny_sd_dir, pairs_parquet, out, max_steps=4, resume="latest"))
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
+
+
+def test_validation_grid_and_ema(tiny_sd_dir, pairs_parquet, tmp_path):
+    out = tmp_path / "val"
+    train(cfg_for(tiny_sd_dir, pairs_parquet, out, max_steps=2, validation_every=2, validation_prompts=["a red square"],
+                  validation_steps=2, ema=True))
+    assert (out / "validation" / "step-000002.png").is_file()
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
