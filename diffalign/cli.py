@@ -24,7 +24,15 @@ COMMANDS = {
 
 
 def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, str | None]:
-    parser = argparse.ArgumentParser(prog="diffalign", description=__doc__.splitlines()[0])
+    from diffalign import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="diffalign",
+        description="Align diffusion and flow-matching generators with human preferences.",
+        epilog="`diffalign COMMAND --help` lists a command's options. With no --model/--dataset, "
+        "`diffalign train --method mapo` runs the toy quickstart.",
+    )
+    parser.add_argument("--version", action="version", version=f"diffalign {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = next((a for a in argv if a in COMMANDS), None)
