@@ -318,6 +318,7 @@ def train(cfg: TrainConfig, pipeline=None) -> dict:
         if main:
             print(f"diffalign: resumed from {resume_from} at step {state['step']}")
     if main:
+        trim_metrics(out / "metrics.jsonl", state["step"])  # rows logged after the checkpoint are redone
         save_config(cfg, out / "config.yaml")
         print(
             f"diffalign: {cfg.method} on {adapter.family} ({adapter.prediction_type}), "
@@ -359,7 +360,7 @@ def train(cfg: TrainConfig, pipeline=None) -> dict:
                     adapter, denoiser, batch, cfg, objective, hparams, reference, generator, accelerator.device, rows,
                     global_batch,
                 )
-                if not torch.isfinite(loss):
+                if any_process(accelerator, not torch.isfinite(loss).item()):  # all stop together
                     raise_non_finite(loss, state, save, main)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
@@ -390,7 +391,7 @@ def train(cfg: TrainConfig, pipeline=None) -> dict:
                 run_validation(cfg, adapter, out, state["step"])
             if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
                 save(dict(state))
-            if stop.requested:
+            if any_process(accelerator, stop.requested):
                 path = save(dict(state))
                 if main:
                     print(f"\ndiffalign: stopped by signal at step {state['step']}; checkpoint {path}; "
@@ -499,6 +500,23 @@ def register_trainable_checkpointing(accelerator) -> None:
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+def any_process(accelerator, flag: bool) -> bool:
+    """True on every process when `flag` is true on any (so they stop or save together)."""
+    if accelerator.num_processes == 1:
+        return flag
+    flags = accelerator.gather(torch.tensor([float(flag)], device=accelerator.device))
+    return bool(flags.max().item() > 0)
+
+
+def trim_metrics(path: Path, last_step: int) -> None:
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line).get("step", 0) <= last_step]
+    if len(kept) != len(rows):
+        path.write_text("".join(line + "\n" for line in kept))
 
 
 def summarise(loss: torch.Tensor, metrics: dict, accelerator) -> dict:
