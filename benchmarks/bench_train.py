@@ -95,13 +95,17 @@ def run_case(case: dict) -> dict:
         family = {"sd15": "sd", "sd3": "sd3"}[case["model"]]
         pipe, resolution = tiny_pipeline(family), TINY_RESOLUTION[family] * 2
     else:
-        pipe, resolution = real_pipeline(case["model"], case["tokenizer_dir"])
+        with torch.device(device):  # initialise the random weights on the GPU: seconds, not minutes
+            pipe, resolution = real_pipeline(case["model"], case["tokenizer_dir"])
     full = case["full_finetune"]
     adapter = load_adapter(pipe, device=device, dtype=torch.float32 if full else dtype)
     objective = get_objective(case["method"])
     cfg = TrainConfig(method=case["method"], full_finetune=full, lora_rank=case["lora_rank"],
                       gradient_checkpointing=case["scale"] == "real")
     hparams = resolve_hparams(case["method"], adapter.prediction_type, {})
+    from diffalign.models.lora import set_attention
+
+    attention = set_attention(adapter.denoiser, case["attention"])
     params, reference = setup_denoiser(cfg, adapter, objective.NEEDS_REF)
     optimizer = torch.optim.AdamW(params, lr=1e-6)
     b, k = case["batch_size"], 2
@@ -114,7 +118,8 @@ def run_case(case: dict) -> dict:
             lat = adapter.encode_images(pixels.flatten(0, 1).to(device, adapter.pipe.vae.dtype))
             cond = adapter.encode_prompts(prompts)
         batch = {**batch, "latents": lat.view(b, k, *lat.shape[1:]),
-                 "cond": {n: v.unsqueeze(1).expand(b, k, *v.shape[1:]) for n, v in cond.items()}, "empty_cond": None}
+                 "cond": {n: v.unsqueeze(1).expand(b, k, *v.shape[1:]) for n, v in cond.items()},
+                 "prompt_cond": cond, "empty_cond": None}
         del batch["pixels"]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
@@ -160,7 +165,7 @@ def run_case(case: dict) -> dict:
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else rss_gib()
     bare_time = timed(lambda i: bare_step(False), case["steps"])
     bare_ref_time = timed(lambda i: bare_step(True), case["steps"]) if objective.NEEDS_REF else bare_time
-    result = dict(case, step_s=step_time, pairs_per_s=b / step_time, peak_gib=peak,
+    result = dict(case, attention_used=attention, step_s=step_time, pairs_per_s=b / step_time, peak_gib=peak,
                   bare_s=bare_time, bare_ref_s=bare_ref_time, ratio_vs_bare=step_time / bare_time,
                   ratio_vs_bare_ref=step_time / bare_ref_time, trainable=sum(p.numel() for p in params))
     if device.type == "cuda":
@@ -189,19 +194,26 @@ def rss_gib() -> float:
 
 # --------------------------------------------------------------------------- driver
 def cases(args) -> list[dict]:
-    models = args.models.split(",") if args.models else (["sd15", "sd3"] if args.scale == "tiny" else ["sd15", "sdxl", "sd35m"])
-    out = []
-    for model in models:
-        flow = model in ("sd3", "sd35m")
-        methods = ["flow-dpo", "mapo"] if flow else ["dpo", "mapo"]
-        for method in methods:
-            for full in (False, True):
-                for cache in ((False, True) if args.scale == "tiny" else (True,)):
-                    out.append(dict(model=model, method=method, full_finetune=full, cache=cache, scale=args.scale,
-                                    device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                                    lora_rank=args.lora_rank, steps=args.steps, warmup=args.warmup,
-                                    peak_tflops=args.peak_tflops, tokenizer_dir=args.tokenizer_dir))
-    return out
+    """Every model x method x (lora, full) x (cache off, on), or the `--only` list
+    (model:method:lora|full:cache|nocache, comma-separated)."""
+    if args.only:
+        specs = [tuple(item.split(":")) for item in args.only.split(",")]
+    else:
+        models = args.models.split(",") if args.models else (["sd15", "sd3"] if args.scale == "tiny" else ["sd15", "sdxl", "sd35m"])
+        specs = [
+            (model, method, mode, cache)
+            for model in models
+            for method in (["flow-dpo", "mapo"] if model in ("sd3", "sd35m") else ["dpo", "mapo"])
+            for mode in ("lora", "full")
+            for cache in ("nocache", "cache")
+        ]
+    return [
+        dict(model=model, method=method, full_finetune=mode == "full", cache=cache == "cache", scale=args.scale,
+             device=args.device, dtype=args.dtype, batch_size=args.batch_size, lora_rank=args.lora_rank,
+             steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops, tokenizer_dir=args.tokenizer_dir,
+             attention=args.attention)
+        for model, method, mode, cache in specs
+    ]
 
 
 def main() -> None:
@@ -215,6 +227,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100 SXM: 989)")
+    parser.add_argument("--only", default=None, help="cases as model:method:lora|full:cache|nocache,...")
+    parser.add_argument("--attention", default="auto", help="auto | sdpa | xformers")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--tokenizer-dir", default=None, help=argparse.SUPPRESS)
@@ -222,14 +236,14 @@ def main() -> None:
     if args.one:
         print("RESULT " + json.dumps(run_case(json.loads(args.one))), flush=True)
         return
-    if args.scale == "real" and args.tokenizer_dir is None:
+    if args.tokenizer_dir is None:
         import tempfile
 
         from diffalign.rewards.clip_tokenizer import write_clip_tokenizer
 
         args.tokenizer_dir = str(write_clip_tokenizer(tempfile.mkdtemp()))
     results = []
-    header = f"{'model':6} {'method':8} {'mode':5} {'cache':5} {'pairs/s':>8} {'peak GiB':>8} {'step/bare':>9} {'step/(bare+ref)':>15}" + (" MFU" if args.device == "cuda" else "")
+    header = f"{'model':6} {'method':8} {'mode':5} {'cache':5} {'attn':8} {'pairs/s':>8} {'peak GiB':>8} {'step/bare':>9} {'step/(bare+ref)':>15}" + (" MFU" if args.device == "cuda" else "")
     print(header)
     for case in cases(args):
         proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(case)], capture_output=True, text=True,
@@ -241,7 +255,7 @@ def main() -> None:
         r = json.loads(line[7:])
         results.append(r)
         mfu = f" {r['mfu']:.1%}" if "mfu" in r else ""
-        print(f"{r['model']:6} {r['method']:8} {'full' if r['full_finetune'] else 'lora':5} {str(r['cache']):5} "
+        print(f"{r['model']:6} {r['method']:8} {'full' if r['full_finetune'] else 'lora':5} {str(r['cache']):5} {r['attention_used']:8} "
               f"{r['pairs_per_s']:8.2f} {r['peak_gib']:8.2f} {r['ratio_vs_bare']:9.2f} {r['ratio_vs_bare_ref']:15.2f}{mfu}",
               flush=True)
     if args.json:
