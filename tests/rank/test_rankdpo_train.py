@@ -4,7 +4,6 @@ import json
 import math
 
 import pytest
-import torch
 from conftest import redness
 
 from diffalign import label as lab
