@@ -43,7 +43,7 @@ class ClipSpec:
     vision: dict = field(default_factory=dict)
     text: dict = field(default_factory=dict)
     projection_dim: int = 32
-    steps: int = 2500
+    steps: int = 1200
     batch_size: int = 256
     lr: float = 1e-3
     renders_per_scene: int = 48
@@ -51,14 +51,16 @@ class ClipSpec:
 
 REWARD_SPEC = ClipSpec(
     name="toy-reward", seed=0, render_seed_offset=common.SEEDS_REWARD,
-    vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, patch_size=4),
+    vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, patch_size=8),
     text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+    steps=1500, batch_size=128, renders_per_scene=16,
 )
+# Another architecture (fine patches, narrower and shallower), seed and set of renders.
 JUDGE_SPEC = ClipSpec(
     name="toy-judge", seed=1, render_seed_offset=common.SEEDS_JUDGE,
-    vision=dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4, patch_size=8),
-    text=dict(hidden_size=24, intermediate_size=96, num_hidden_layers=3, num_attention_heads=3),
-    projection_dim=48,
+    vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, patch_size=4),
+    text=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2),
+    projection_dim=24, steps=1000, batch_size=128, renders_per_scene=16,
 )
 
 

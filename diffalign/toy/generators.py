@@ -34,11 +34,13 @@ CFG_DROPOUT = 0.1
 @dataclass
 class GeneratorSpec:
     seed: int = 0
-    vae_steps: int = 1500
-    steps: int = 4000
-    batch_size: int = 128
-    lr: float = 5e-4
-    renders_per_scene: int = 24
+    vae_steps: int = 1000
+    steps: int = 900
+    sd_cycles: int = 2
+    flow_steps: int = 700
+    batch_size: int = 32
+    lr: float = 1e-3
+    renders_per_scene: int = 8
 
 
 def log_every(step: int, total: int) -> bool:
@@ -55,7 +57,8 @@ def build_vae(shift_factor: float | None = None, scaling_factor: float = 1.0):
         in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS, sample_size=IMAGE_SIZE,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(24, 48), layers_per_block=1, norm_num_groups=8,
+        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, mid_block_add_attention=False,
+        use_quant_conv=False, use_post_quant_conv=False,
         scaling_factor=scaling_factor, shift_factor=shift_factor,
     )
 
@@ -67,9 +70,15 @@ def train_vae(out_dir: Path, spec: GeneratorSpec, device: torch.device, log=prin
     torch.manual_seed(spec.seed)
     train_scenes, _ = split_prompts()
     bank = common.render_bank(train_scenes, 8, common.SEEDS_GENERATOR + 500_000).flatten(0, 1).to(device)
-    vae = build_vae().to(device).train()
-    optimiser = torch.optim.AdamW(vae.parameters(), lr=1e-3)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=1e-3, total_steps=spec.vae_steps, pct_start=0.05)
+    vae = build_vae()
+    # Start the posterior nearly deterministic (log-variance -8): with the default std of 1 the
+    # decoder sees mostly noise and a short run learns no colours at all.
+    with torch.no_grad():
+        vae.encoder.conv_out.weight[LATENT_CHANNELS:] = 0
+        vae.encoder.conv_out.bias[LATENT_CHANNELS:] = -8.0
+    vae = vae.to(device).train()
+    optimiser = torch.optim.AdamW(vae.parameters(), lr=2e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=2e-3, total_steps=spec.vae_steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(spec.seed)
     for step in tqdm(range(spec.vae_steps), desc="train vae", mininterval=5):
         idx = torch.randint(0, len(bank), (spec.batch_size,), generator=gen).to(device)
@@ -77,12 +86,17 @@ def train_vae(out_dir: Path, spec: GeneratorSpec, device: torch.device, log=prin
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         kl = posterior.kl().mean() / (LATENT_CHANNELS * LATENT_SIZE**2)
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-4 * kl
+        # Shapes cover a few percent of the pixels: weight them 5x so their outlines come out
+        # sharp; the background is each image's median colour.
+        background = x.flatten(2).median(dim=2).values[:, :, None, None]
+        weight = 1 + 4 * ((x - background).abs().sum(1, keepdim=True) > 0.1).float()
+        err = recon - x
+        loss = (weight * (err.abs() + err**2)).mean() + 1e-4 * kl
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
         schedule.step()
-        if log_every(step, spec.vae_steps):
+        if step % 50 == 0 or step == spec.vae_steps - 1:
             log(f"[vae] step {step} loss {loss.item():.4f} kl {kl.item():.2f}")
     vae.eval()
     with torch.no_grad():
@@ -120,13 +134,13 @@ def encode_bank(vae, bank: torch.Tensor, device: torch.device, shift: float, sca
     return torch.cat(means), torch.cat(stds)
 
 
-def generator_batches(spec: GeneratorSpec, vae, device: torch.device, shift: float):
+def generator_batches(spec: GeneratorSpec, vae, device: torch.device, shift: float, seed_offset: int = 0):
     """Yields (latents, prompts) batches forever, over train scenes x seeded renders."""
     train_scenes, _ = split_prompts()
     bank = common.render_bank(train_scenes, spec.renders_per_scene, common.SEEDS_GENERATOR)
     owners = [s.prompt for s in train_scenes for _ in range(spec.renders_per_scene)]
     mean, std = encode_bank(vae, bank.flatten(0, 1), device, shift, vae.config.scaling_factor)
-    gen = torch.Generator().manual_seed(spec.seed)
+    gen = torch.Generator().manual_seed(spec.seed + 1000 * seed_offset)
     while True:
         idx = torch.randint(0, len(owners), (spec.batch_size,), generator=gen)
         drop = torch.rand(spec.batch_size, generator=gen) < CFG_DROPOUT
@@ -151,8 +165,9 @@ def build_sd_parts(tokenizer_dir: Path, seed: int):
     ))
     unet = UNet2DConditionModel(
         sample_size=LATENT_SIZE, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        # attention only at the 8x8 level: at 16x16 it would cost most of a CPU training step
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
         attention_head_dim=8, norm_num_groups=16,
     )
@@ -163,36 +178,52 @@ def build_sd_parts(tokenizer_dir: Path, seed: int):
     return tokenizer, text_encoder, unet, scheduler
 
 
-def train_toy_sd(out_dir: Path, vae_dir: Path, tokenizer_dir: Path, spec: GeneratorSpec, device: torch.device, log=print) -> dict:
-    from diffusers import StableDiffusionPipeline
+def train_toy_sd(out_dir: Path, vae_dir: Path, tokenizer_dir: Path, spec: GeneratorSpec, device: torch.device,
+                 log=print, resume: bool = False) -> dict:
+    """`spec.sd_cycles` warm-restarted cycles of `spec.steps` steps. Each cycle starts from the
+    previous one's fp16-rounded weights and draws its own seeded batches, so `resume=True`
+    (start from the toy-sd already in out_dir, after its first cycle) gives the same result as
+    one uninterrupted run."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     start = time.time()
     vae = load_vae(vae_dir, device, keep_shift=False)
     tokenizer, text_encoder, unet, scheduler = build_sd_parts(tokenizer_dir, spec.seed)
+    first_cycle = 0
+    if resume:
+        unet = UNet2DConditionModel.from_pretrained(out_dir / "unet")
+        text_encoder = CLIPTextModel.from_pretrained(out_dir / "text_encoder")
+        first_cycle = 1
     text_encoder.to(device).train()
     unet.to(device).train()
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimiser = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=spec.lr, total_steps=spec.steps, pct_start=0.05)
     alphas = scheduler.alphas_cumprod.to(device)
-    batches = generator_batches(spec, vae, device, shift=0.0)
-    gen = torch.Generator().manual_seed(spec.seed + 1)
-    for step in tqdm(range(spec.steps), desc="train toy-sd", mininterval=5):
-        x0, prompts = next(batches)
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-        cond = text_encoder(ids.to(device))[0]  # as StableDiffusionPipeline.encode_prompt does
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=gen).to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = F.mse_loss(unet(xt, t, encoder_hidden_states=cond).sample, noise)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimiser.step()
-        schedule.step()
-        if log_every(step, spec.steps):
-            log(f"[toy-sd] step {step} loss {loss.item():.4f}")
+    for cycle in range(first_cycle, spec.sd_cycles):
+        if cycle > 0:
+            with torch.no_grad():  # what a save and reload between cycles would do
+                for p in params:
+                    p.copy_(p.half().float())
+        optimiser = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.01)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=spec.lr, total_steps=spec.steps, pct_start=0.05)
+        batches = generator_batches(spec, vae, device, shift=0.0, seed_offset=cycle)
+        gen = torch.Generator().manual_seed(spec.seed + 1 + 100 * cycle)
+        for step in tqdm(range(spec.steps), desc=f"train toy-sd (cycle {cycle + 1}/{spec.sd_cycles})", mininterval=5):
+            x0, prompts = next(batches)
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+            cond = text_encoder(ids.to(device))[0]  # as StableDiffusionPipeline.encode_prompt does
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=gen).to(device)
+            noise = torch.randn(x0.shape, generator=gen).to(device)
+            a = alphas[t].view(-1, 1, 1, 1)
+            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            loss = F.mse_loss(unet(xt, t, encoder_hidden_states=cond).sample, noise)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimiser.step()
+            schedule.step()
+            if log_every(step, spec.steps):
+                log(f"[toy-sd] cycle {cycle + 1} step {step} loss {loss.item():.4f}")
 
     pipe = StableDiffusionPipeline(
         vae=vae.cpu(), text_encoder=text_encoder.eval().cpu(), tokenizer=tokenizer, unet=unet.eval().cpu(),
@@ -227,7 +258,7 @@ def build_flow_parts(tokenizer_dir: Path, seed: int):
     text_encoder_1, text_encoder_2 = text_encoder(16, 2), text_encoder(8, 1)
     transformer = SD3Transformer2DModel(
         sample_size=LATENT_SIZE, patch_size=2, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
-        num_layers=4, attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64,
+        num_layers=3, attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64,
         caption_projection_dim=64, pooled_projection_dim=16 + 8, pos_embed_max_size=LATENT_SIZE // 2,
     )
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
@@ -248,10 +279,10 @@ def train_toy_flow(out_dir: Path, vae_dir: Path, tokenizer_dir: Path, spec: Gene
         module.train()
     params = [p for m in (te1, te2, transformer) for p in m.parameters()]
     optimiser = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=spec.lr, total_steps=spec.steps, pct_start=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=spec.lr, total_steps=spec.flow_steps, pct_start=0.05)
     batches = generator_batches(spec, vae, device, shift=vae.config.shift_factor)
     gen = torch.Generator().manual_seed(spec.seed + 11)
-    for step in tqdm(range(spec.steps), desc="train toy-flow", mininterval=5):
+    for step in tqdm(range(spec.flow_steps), desc="train toy-flow", mininterval=5):
         x0, prompts = next(batches)
         # the pipeline's own encoder, so training sees exactly the inference conditioning
         cond, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, device=device, do_classifier_free_guidance=False)
@@ -267,7 +298,7 @@ def train_toy_flow(out_dir: Path, vae_dir: Path, tokenizer_dir: Path, spec: Gene
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimiser.step()
         schedule.step()
-        if log_every(step, spec.steps):
+        if log_every(step, spec.flow_steps):
             log(f"[toy-flow] step {step} loss {loss.item():.4f}")
 
     for module in (te1, te2, transformer):

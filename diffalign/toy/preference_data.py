@@ -28,6 +28,7 @@ from diffalign.toy import clip_reward
 from diffalign.toy.render import ATTRIBUTES, VALUES, Scene, all_scenes, split_prompts
 
 K = 4
+HELDOUT_IMAGES = 2  # per held-out prompt, for the base model's prompt-following numbers
 STEPS = 20
 GUIDANCE = 4.0
 SEED_BASE = 7_000_000
@@ -165,10 +166,10 @@ def build_preference_data(model_dir: Path, reward_dir: Path, judge_dir: Path, ou
     write_parquet(out_dir / "pairs_captioned.parquet", {**pairs, "caption_0": ranked["caption"], "caption_1": loser_captions})
 
     # how good is the base model, judged independently, on held-out prompts
-    heldout_text = [s.prompt for s in heldout_scenes for _ in range(K)]
-    heldout_seeds = [image_seed(100_000 + p, k) for p in range(len(heldout_scenes)) for k in range(K)]
+    heldout_text = [s.prompt for s in heldout_scenes for _ in range(HELDOUT_IMAGES)]
+    heldout_seeds = [image_seed(100_000 + p, k) for p in range(len(heldout_scenes)) for k in range(HELDOUT_IMAGES)]
     heldout_images = generate(pipe, heldout_text, heldout_seeds, desc="sample held-out")
-    heldout_owner = [s for s in heldout_scenes for _ in range(K)]
+    heldout_owner = [s for s in heldout_scenes for _ in range(HELDOUT_IMAGES)]
     best, worst = order[:, 0], order[:, K - 1]
     rows = torch.arange(len(scenes))
     stats = {
