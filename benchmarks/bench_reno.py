@@ -38,10 +38,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--arch", choices=("sd-turbo",), help="build this real-size architecture with random weights")
     p.add_argument("--reward", default="toy-reward", help="registry name optimised (weight 1)")
     p.add_argument("--reward-towers", type=int, default=1, help="--arch: random CLIP-H reward towers")
+    p.add_argument("--reward-path", default=None, help="weights folder of --reward (default: the registry's)")
     p.add_argument("--judge", default=None, help="registry name of a held-out judge (toy-judge)")
+    p.add_argument("--judge-path", default=None, help="weights folder of --judge")
     p.add_argument("--num-prompts", type=int, default=20)
     p.add_argument("--iterations", type=int, default=50)
     p.add_argument("--steps", type=int, default=1, help="generator sampling steps")
+    p.add_argument("--guidance-scale", type=float, default=0.0, help="> 1: classifier-free guidance")
     p.add_argument("--lr", type=float, default=5.0)
     p.add_argument("--reg-weight", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
@@ -175,18 +178,18 @@ def main(argv=None) -> int:
         prompts = ["a photo of an astronaut riding a horse on the moon"] * args.num_prompts
     else:
         pipe = load_pipeline(args.model, args.device, dtype)
-        reward_fns = resolve_rewards({args.reward: 1.0}, device=args.device)
+        reward_fns = resolve_rewards({args.reward: 1.0}, device=args.device, paths={args.reward: args.reward_path})
         prompts = heldout_prompts(args.num_prompts)
     judge = None
     if args.judge:
         from diffalign.rewards import load_reward
 
-        judge = load_reward(args.judge, device=args.device)
+        judge = load_reward(args.judge, path=args.judge_path, device=args.device)
     rows, timings, peaks = [], [], []
     baseline = peak_rss_mib()  # models loaded: the growth past this is the optimisation's own
     for index, prompt in enumerate(prompts):
         seed = args.seed + index
-        generator = build_generator(pipe, prompt, num_inference_steps=args.steps, seed=seed,
+        generator = build_generator(pipe, prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, seed=seed,
                                     gradient_checkpointing=not args.no_checkpointing)
         noise = torch.randn(generator.latent_shape, generator=torch.Generator().manual_seed(seed))
         if cuda:

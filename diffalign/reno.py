@@ -372,8 +372,14 @@ def load_pipeline(model: str, device: str, dtype: torch.dtype) -> Any:
     from diffalign.paths import asset
 
     source = model if Path(model).exists() or not asset(model).exists() else str(asset(model))
+    # Components saved as null (SD3 without T5: text_encoder_3) must be named None to load.
+    index = Path(source) / "model_index.json"
+    nulls = {}
+    if index.is_file():
+        entries = json.loads(index.read_text()).items()
+        nulls = {k: None for k, v in entries if isinstance(v, list) and len(v) == 2 and v[0] is None}
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, **nulls)
     except (OSError, ValueError, EnvironmentError) as err:
         raise DiffalignError(f"cannot load pipeline {model!r} ({type(err).__name__}): pass a diffusers pipeline folder, "
                              "a shipped asset name, or a hub id already in the cache") from None
