@@ -4,8 +4,9 @@
 alone, built from the pipeline's own components: the prompt is encoded once (no grad), the
 denoiser runs 1-4 steps through the scheduler's own `step()`, and the VAE decodes with
 gradients. Every `step()` of the schedulers these models ship with (DDIM, DDPM, Euler,
-Euler-ancestral, LCM, TCD, DPM-Solver++, UniPC, FlowMatch-Euler) was checked to be
-differentiable with gradients matching finite differences, so no update is re-derived here.
+Euler-ancestral, LCM, TCD, DPM-Solver++, UniPC, FlowMatch-Euler) is differentiable, with
+gradients matching finite differences (tests/reno/test_reno_schedulers.py), so no update is
+re-derived here.
 
 The noise has the layout the pipeline's `latents=` argument takes (FLUX: packed, (1, seq, 4C)),
 so `pipe(prompt, latents=result.latent, ...)` reproduces an optimised image.
