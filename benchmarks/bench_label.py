@@ -2,7 +2,7 @@
 
 Toy world (CPU, or --device cuda):
     python benchmarks/bench_label.py --model toy-sd --reward toy-reward --num-prompts 32 \
-        --num-images 4 --batch-size 16 --out runs/bench_label_toy.json
+        --num-images 4 --batch-size 16 --steps 20 --guidance 4 --out runs/bench_label_toy.json
 
 Runs a fresh `diffalign label` job on the first N toy training prompts (model loading is not
 timed; generation, scoring and writing the rows are) and prints label's own stats plus the
@@ -28,6 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-images", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="float32")
@@ -53,14 +54,14 @@ def main(argv=None) -> int:
         prompts.write_text("\n".join(toy_prompts(args.num_prompts)) + "\n")
         cfg = LabelConfig(model=args.model, prompts=str(prompts), output=str(Path(tmp) / "out"),
                           rewards=[r for r in args.reward.split(",") if r], num_images=args.num_images,
-                          batch_size=args.batch_size, steps=args.steps, resolution=args.resolution,
+                          batch_size=args.batch_size, steps=args.steps, guidance=args.guidance, resolution=args.resolution,
                           device=args.device, dtype=args.dtype)
         stats = label(cfg)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else None
     result = {
         "model": args.model, "rewards": cfg.rewards, "prompts": args.num_prompts, "images_per_prompt": args.num_images,
-        "batch_size": args.batch_size, "steps": args.steps, "device": gpu or f"cpu x{args.threads} threads",
+        "batch_size": args.batch_size, "steps": args.steps, "guidance": args.guidance, "device": gpu or f"cpu x{args.threads} threads",
         **{k: v for k, v in stats.items() if k not in ("ranked", "pairs")},
     }
     print(json.dumps(result, indent=2))
