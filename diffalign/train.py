@@ -57,6 +57,8 @@ def quickstart_base(args) -> TrainConfig | None:
     data = {"rankdpo": "ranked.parquet", "dcpo": "pairs_captioned.parquet"}.get(method)
     if data:
         base.dataset = base.dataset.replace("pairs.parquet", data)
+    if method == "rankdpo":  # the toy ranked lists carry raw toy-reward scores, not win fractions
+        base.objective = {"label_gain": "rank"}
     print(f"diffalign: no --model/--dataset given: running the toy quickstart (configs/{name})")
     return base
 

@@ -149,14 +149,33 @@ def detect_family(pipe: Any) -> str:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
+def load_pipeline(model: str | Path, dtype: torch.dtype = torch.float32, **kwargs: Any) -> DiffusionPipeline:
+    """Load a diffusers pipeline from a hub id, a local folder or a shipped toy asset name
+    ("toy-sd", "toy-flow"), with one-line errors for what a user can fix.
+
+    Components saved as null (SD3 without T5: text_encoder_3/tokenizer_3) are passed as None
+    again, which `from_pretrained` needs to load such a folder.
+    """
+    return _load_pipeline(str(model), dtype, kwargs)
+
+
 def _load_pipeline(model: str, dtype: torch.dtype, kwargs: dict[str, Any]) -> DiffusionPipeline:
+    import json
+
     from diffusers import DiffusionPipeline
 
+    from diffalign.paths import asset
+
     path = Path(model).expanduser()
+    if not path.exists() and model.startswith("toy-") and asset(model).is_dir():
+        path = asset(model)
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise DiffalignError(f"model folder {model!r} has no model_index.json: pass a diffusers pipeline folder (save_pretrained output)")
         source = str(path)
+        index = json.loads((path / "model_index.json").read_text())
+        nulls = {k: None for k, v in index.items() if isinstance(v, list) and v and v[0] is None}
+        kwargs = {**nulls, **kwargs}
     elif _HUB_ID.match(model) and not model.startswith((".", "~")):
         source = model
     else:
