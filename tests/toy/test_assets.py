@@ -18,7 +18,7 @@ MIN_PROMPT_PAIR_ACCURACY = 0.85
 
 
 def to_tensor(image):
-    return torch.from_numpy(__import__("numpy").asarray(image)).permute(2, 0, 1).float() / 255.0
+    return torch.from_numpy(__import__("numpy").array(image)).permute(2, 0, 1).float() / 255.0
 
 
 @pytest.mark.parametrize("name", ["toy-reward", "toy-judge"])
