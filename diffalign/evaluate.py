@@ -135,23 +135,12 @@ def resolve_model(model: str) -> str:
 
 
 def load_pipeline(model: Any, device: torch.device, dtype: torch.dtype):
-    """A DiffusionPipeline from a name/path, or the given pipeline object itself."""
+    """A DiffusionPipeline from a name/path (via diffalign.models.load_pipeline), or the given pipeline object."""
     if not isinstance(model, str):
         return model
-    from diffusers import DiffusionPipeline
+    from diffalign.models import load_pipeline as load_any
 
-    path = resolve_model(model)
-    # Components stored as null (e.g. SD3 without T5) must be named to load: diffusers' rule.
-    nulls = {}
-    index_file = Path(path) / "model_index.json"
-    if index_file.is_file():
-        index = json.loads(index_file.read_text())
-        nulls = {k: None for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[0] is None}
-    try:
-        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, **nulls)
-    except (OSError, ValueError) as err:
-        raise DiffalignError(f"cannot load pipeline {model!r} ({str(err).splitlines()[0]}): pass a diffusers folder, "
-                             f"a hub id you have downloaded, or one of {', '.join(TOY_MODELS)}") from err
+    pipe = load_any(model, dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

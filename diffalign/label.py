@@ -124,24 +124,13 @@ def image_seed(seed: int, prompt_index: int, k: int) -> int:
 def load_pipeline(model: str, device: str | None, dtype: str):
     """A diffusers text-to-image pipeline: a shipped asset name (toy-sd), a local folder or a hub id."""
     import torch
-    from diffusers import DiffusionPipeline
 
-    from diffalign.paths import asset
+    from diffalign.models import load_pipeline as load_any
 
-    source = str(asset(model)) if asset(model).is_dir() else model
-    # A component saved as null (SD3 without T5: text_encoder_3) must be named None again.
-    index = Path(source) / "model_index.json"
-    nulls = {}
-    if index.is_file():
-        nulls = {k: None for k, v in json.loads(index.read_text()).items() if isinstance(v, list) and v[0] is None}
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype)
     if torch_dtype is None:
         raise DiffalignError(f"unknown --dtype {dtype!r}: choose float32, float16 or bfloat16")
-    try:
-        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=torch_dtype, **nulls)
-    except (OSError, ValueError) as err:
-        raise DiffalignError(f"cannot load pipeline {model!r} ({str(err).splitlines()[0]}): pass a diffusers folder, "
-                             "a hub id (HF_HUB_OFFLINE=0 to download) or a shipped name such as toy-sd") from None
+    pipe = load_any(model, torch_dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 

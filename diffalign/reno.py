@@ -367,22 +367,9 @@ def _read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
 
 def load_pipeline(model: str, device: str, dtype: torch.dtype) -> Any:
     """A diffusers pipeline from a folder, a shipped asset name, or a hub id (cached offline)."""
-    from diffusers import DiffusionPipeline
+    from diffalign.models import load_pipeline as load_any
 
-    from diffalign.paths import asset
-
-    source = model if Path(model).exists() or not asset(model).exists() else str(asset(model))
-    # Components saved as null (SD3 without T5: text_encoder_3) must be named None to load.
-    index = Path(source) / "model_index.json"
-    nulls = {}
-    if index.is_file():
-        entries = json.loads(index.read_text()).items()
-        nulls = {k: None for k, v in entries if isinstance(v, list) and len(v) == 2 and v[0] is None}
-    try:
-        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, **nulls)
-    except (OSError, ValueError, EnvironmentError) as err:
-        raise DiffalignError(f"cannot load pipeline {model!r} ({type(err).__name__}): pass a diffusers pipeline folder, "
-                             "a shipped asset name, or a hub id already in the cache") from None
+    pipe = load_any(model, dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

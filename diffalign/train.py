@@ -10,7 +10,6 @@ config from configs/accelerate/ (DDP, FSDP, DeepSpeed); nothing here is launcher
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import time

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import pickapic_rows, write_parquet
+from data_helpers import pickapic_rows, write_parquet
 
 from diffalign.cache import CachedDataset, build_cache
 from diffalign.data import DataConfig, build_dataset, collate_groups

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import image_bytes, pickapic_rows, write_image, write_jsonl, write_parquet
+from data_helpers import image_bytes, pickapic_rows, write_image, write_jsonl, write_parquet
 
 from diffalign.data import DataConfig, build_dataset, collate_groups
 from diffalign.errors import DiffalignError

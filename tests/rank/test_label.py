@@ -5,7 +5,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import brightness, redness
+from rank_helpers import brightness, redness
 
 from diffalign import label as lab
 from diffalign.errors import DiffalignError

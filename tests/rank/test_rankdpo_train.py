@@ -4,7 +4,7 @@ import json
 import math
 
 import pytest
-from conftest import redness
+from rank_helpers import redness
 
 from diffalign import label as lab
 from diffalign.rewards import REWARDS, register_reward

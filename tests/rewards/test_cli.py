@@ -11,7 +11,7 @@ import torch
 from diffalign.cli import main
 from diffalign.rewards import load_reward
 
-from conftest import random_pil
+from rewards_helpers import random_pil
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import torch
 from diffalign.errors import DiffalignError
 from diffalign.rewards import load_reward
 
-from conftest import TINY_OPEN_CLIP, random_pil
+from rewards_helpers import TINY_OPEN_CLIP, random_pil
 
 PROMPTS = ["a cat", "a red car on a road", "two dogs", "a lighthouse at night", "soup", "a tree"]
 

@@ -9,7 +9,7 @@ import torch
 from diffalign.rewards import load_reward
 from diffalign.rewards.base import Reward
 
-from conftest import TINY_OPEN_CLIP
+from rewards_helpers import TINY_OPEN_CLIP
 
 # name -> how to load it on the tiny fixtures (ImageReward, VP-Score, VideoReward: their own tests).
 CASES = {

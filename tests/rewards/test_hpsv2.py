@@ -13,7 +13,7 @@ from diffalign.errors import DiffalignError
 from diffalign.rewards import load_reward
 from diffalign.rewards.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, pil_to_tensor
 
-from conftest import TINY_OPEN_CLIP, random_pil
+from rewards_helpers import TINY_OPEN_CLIP, random_pil
 
 PROMPTS = ["a red bicycle leaning on a wall", "an astronaut riding a horse"]
 

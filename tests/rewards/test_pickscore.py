@@ -10,7 +10,7 @@ from diffalign.errors import DiffalignError
 from diffalign.rewards import load_reward
 from diffalign.rewards.base import clip_crop_transform, pil_to_tensor
 
-from conftest import random_pil, tiny_hf_clip_config
+from rewards_helpers import random_pil, tiny_hf_clip_config
 
 PROMPTS = ["a red bicycle leaning on a wall", "an astronaut riding a horse on the moon at dusk"]
 

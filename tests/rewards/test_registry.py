@@ -9,7 +9,7 @@ from diffalign import rewards
 from diffalign.errors import DiffalignError
 from diffalign.rewards import CombinedReward, combine, load_reward, register_reward
 
-from conftest import TINY_OPEN_CLIP, random_pil
+from rewards_helpers import TINY_OPEN_CLIP, random_pil
 
 
 def brightness(images, prompts):
