@@ -129,6 +129,8 @@ class TrainConfig:
     eval_rewards: list = field(default_factory=list)
     eval_num_images: int = 1
     """Images per prompt in the final evaluation."""
+    eval_max_prompts: int | None = None
+    """Evaluate on the first N prompts only (None: all)."""
 
 
 def config_fields() -> list[dataclasses.Field]:

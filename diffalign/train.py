@@ -427,6 +427,8 @@ def train(cfg: TrainConfig, pipeline=None) -> dict:
         if cfg.eval_prompts:
             result["eval"] = run_final_eval(cfg, out)
         print(f"diffalign: done. Weights, metrics.jsonl, training_curves.png and config.yaml are in {out}")
+        if "eval" in result:
+            print(f"diffalign: evaluation (eval.json, before/after grid.png) is in {out / 'eval'}")
     accelerator.end_training()
     return result
 
@@ -614,4 +616,5 @@ def run_final_eval(cfg: TrainConfig, out: Path) -> dict:
         trained, cfg.model if cfg.full_finetune else None, cfg.eval_prompts, list(cfg.eval_rewards),
         cfg.eval_num_images, cfg.seed, out / "eval", lora=None if cfg.full_finetune else str(out),
         steps=cfg.validation_steps, guidance=cfg.guidance_scale, resolution=cfg.resolution,
+        max_prompts=cfg.eval_max_prompts,
     )

@@ -1,0 +1,34 @@
+"""The embedded default: `diffalign train --method M` with no model or data runs on the toy world."""
+
+import json
+
+import pytest
+
+from diffalign.cli import main
+from diffalign.paths import asset
+
+pytestmark = pytest.mark.skipif(not (asset("toy-sd") / "model_index.json").is_file(), reason="toy assets not built")
+
+
+@pytest.mark.parametrize("method", ["dpo", "mapo"])
+def test_short_quickstart_writes_every_output(method, tmp_path, capsys):
+    out = tmp_path / method
+    code = main(["train", "--method", method, "--max-steps", "2", "--output-dir", str(out),
+                 "--eval-max-prompts", "2", "--eval-num-images", "1", "--validation-steps", "2"])
+    assert code == 0
+    for name in ("config.yaml", "metrics.jsonl", "training_curves.png", "pytorch_lora_weights.safetensors",
+                 "eval/eval.json", "eval/grid.png"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "eval" / "eval.json").read_text())
+    assert set(report["rewards"]) == {"toy-reward", "toy-judge"}
+    assert report["num_prompts"] == 2
+    for part in report["rewards"].values():
+        assert 0.0 <= part["win_rate"] <= 1.0 and part["win_rate_ci"][0] <= part["win_rate"] <= part["win_rate_ci"][1]
+    assert "toy quickstart" in capsys.readouterr().out
+
+
+def test_flow_quickstart_uses_the_flow_model(tmp_path):
+    out = tmp_path / "flow"
+    assert main(["train", "--method", "flow-dpo", "--max-steps", "1", "--output-dir", str(out),
+                 "--eval-max-prompts", "1", "--validation-steps", "1"]) == 0
+    assert "toy-flow" in (out / "config.yaml").read_text()
