@@ -3,6 +3,7 @@
     python -m diffalign.toy build                       # everything, in dependency order
     python -m diffalign.toy build --only toy-reward,toy-judge --device cuda
     python -m diffalign.toy grid --out docs/img/toy-samples.png   # rendered vs sampled scenes
+    python -m diffalign.toy trim-vocab                  # shrink saved models to the toy vocabulary
 
 Builders, in order (each reads only what the earlier ones wrote):
   toy-reward, toy-judge   CLIP rewards (clip_reward.py)
@@ -28,6 +29,7 @@ from diffalign.errors import DiffalignError
 
 BUILDERS = ("toy-reward", "toy-judge", "vae", "toy-sd", "toy-flow", "toy-data")
 DATA_PROMPTS = {"toy-sd": 192, "toy-flow": 128}  # sampling on a CPU costs ~0.4 s an image
+CANDIDATES = 4
 
 
 def tokenizer_dir(work: Path) -> Path:
@@ -40,31 +42,37 @@ def tokenizer_dir(work: Path) -> Path:
 
 
 def run_builder(name: str, out: Path, work: Path, device: torch.device, smoke: bool = False,
-                data_models: tuple[str, ...] = ("toy-sd", "toy-flow"), resume_sd: bool = False) -> dict:
+                data_models: tuple[str, ...] = ("toy-sd", "toy-flow"), resume_sd: int = 0,
+                data_prompts: int | None = None, candidates: int | None = None,
+                sd_cycles: int | None = None) -> dict:
     from dataclasses import replace
 
     from diffalign.toy import clip_reward, generators, preference_data
 
     tok = tokenizer_dir(work)
     spec = generators.GeneratorSpec()
-    reward_spec, judge_spec, data_prompts = clip_reward.REWARD_SPEC, clip_reward.JUDGE_SPEC, DATA_PROMPTS
+    if sd_cycles:
+        spec = replace(spec, sd_cycles=sd_cycles)
+    reward_spec, judge_spec = clip_reward.REWARD_SPEC, clip_reward.JUDGE_SPEC
+    prompts_per_model = {m: data_prompts or DATA_PROMPTS[m] for m in DATA_PROMPTS}
     if smoke:  # a few steps of everything: checks the plumbing, not the models
         spec = replace(spec, vae_steps=2, steps=2, batch_size=8, renders_per_scene=1)
         reward_spec = replace(reward_spec, steps=2, batch_size=16, renders_per_scene=1)
         judge_spec = replace(judge_spec, steps=2, batch_size=16, renders_per_scene=1)
-        data_prompts = {"toy-sd": 8, "toy-flow": 4}
+        prompts_per_model = {"toy-sd": 8, "toy-flow": 4}
     heldout_prompts = 4 if smoke else None
-    if name == "toy-reward":
-        return clip_reward.train_clip(reward_spec, out / name, tok, device)
-    if name == "toy-judge":
-        return clip_reward.train_clip(judge_spec, out / name, tok, device)
+    if name in ("toy-reward", "toy-judge"):
+        metrics = clip_reward.train_clip(reward_spec if name == "toy-reward" else judge_spec, out / name, tok, device)
+        return {**metrics, "vocab_size": trim_asset(out / name)}
     if name == "vae":
         return generators.train_vae(work / "vae", spec, device)
     if name in ("toy-sd", "toy-flow"):
         require(work / "vae" / "config.json", "vae")
         if name == "toy-sd":
-            return generators.train_toy_sd(out / name, work / "vae", tok, spec, device, resume=resume_sd)
-        return generators.train_toy_flow(out / name, work / "vae", tok, spec, device)
+            metrics = generators.train_toy_sd(out / name, work / "vae", tok, spec, device, resume=resume_sd)
+        else:
+            metrics = generators.train_toy_flow(out / name, work / "vae", tok, spec, device)
+        return {**metrics, "vocab_size": trim_asset(out / name)}
     # toy-data
     for needed in ("toy-reward", "toy-judge", *data_models):
         require(out / needed, needed)
@@ -72,9 +80,18 @@ def run_builder(name: str, out: Path, work: Path, device: torch.device, smoke: b
     preference_data.write_prompt_lists(data)
     return {
         model: preference_data.build_preference_data(out / model, out / "toy-reward", out / "toy-judge", data / model,
-                                                     device, data_prompts[model], heldout_prompts)
+                                                     device, prompts_per_model[model], heldout_prompts,
+                                                     candidates or CANDIDATES)
         for model in data_models
     }
+
+
+def trim_asset(folder: Path) -> int:
+    """Models train with CLIP's full tokenizer and ship with the toy vocabulary (toy/vocab.py)."""
+    from diffalign.toy.vocab import trim_asset as trim, trimmed_vocabulary
+
+    trim(folder)
+    return len(trimmed_vocabulary()[0])
 
 
 def require(path: Path, builder: str) -> None:
@@ -83,7 +100,8 @@ def require(path: Path, builder: str) -> None:
 
 
 def build(only: list[str], out: Path, work: Path, device_name: str, smoke: bool = False,
-          data_models: tuple[str, ...] = ("toy-sd", "toy-flow"), resume_sd: bool = False) -> dict:
+          data_models: tuple[str, ...] = ("toy-sd", "toy-flow"), resume_sd: int = 0,
+          data_prompts: int | None = None, candidates: int | None = None, sd_cycles: int | None = None) -> dict:
     from diffalign.toy.common import pick_device
 
     unknown = [n for n in only if n not in BUILDERS]
@@ -98,7 +116,8 @@ def build(only: list[str], out: Path, work: Path, device_name: str, smoke: bool 
     for name in [b for b in BUILDERS if b in only]:
         start = time.time()
         print(f"== building {name} on {device}", flush=True)
-        results[name] = run_builder(name, out, work, device, smoke, data_models, resume_sd)
+        results[name] = run_builder(name, out, work, device, smoke, data_models, resume_sd, data_prompts, candidates,
+                                    sd_cycles)
         results[name + "_seconds"] = round(time.time() - start, 1)
         stem = name if name != "toy-data" else f"toy-data-{'+'.join(data_models)}"
         (work / "metrics" / f"{stem}.json").write_text(json.dumps(
@@ -149,8 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--work", type=Path, default=Path("build/toy"), help="intermediate files (tokenizer, vae, metrics)")
     b.add_argument("--device", default="cpu", help="cpu (default, reproducible), cuda or auto")
     b.add_argument("--data-models", default="toy-sd,toy-flow", help="which generators toy-data samples from")
-    b.add_argument("--resume-sd", action="store_true", help="toy-sd: continue from its first training cycle in --out")
+    b.add_argument("--data-prompts", type=int, default=None, help="toy-data: training prompts per generator")
+    b.add_argument("--candidates", type=int, default=None, help="toy-data: samples per prompt, ranked down to K=4")
+    b.add_argument("--resume-sd", type=int, nargs="?", const=1, default=0, metavar="N",
+                   help="toy-sd: continue from the toy-sd in --out, saved after N training cycles (default 1)")
+    b.add_argument("--sd-cycles", type=int, default=None, help="toy-sd: training cycles in all (default: the recipe's)")
     b.add_argument("--smoke", action="store_true", help="two steps of everything: a plumbing check, useless models")
+    t = sub.add_parser("trim-vocab", help="shrink shipped toy models to the toy vocabulary (idempotent)")
+    t.add_argument("--assets", type=Path, default=None, help="assets folder (default: the package's assets/)")
     g = sub.add_parser("grid", help="write a picture of rendered vs sampled held-out scenes")
     g.add_argument("--out", type=Path, default=Path("docs/img/toy-samples.png"))
     g.add_argument("--assets", type=Path, default=None, help="assets folder (default: the package's assets/)")
@@ -161,8 +186,11 @@ def main(argv: list[str] | None = None) -> int:
             only = [n.strip() for n in args.only.split(",") if n.strip()]
             data_models = tuple(m.strip() for m in args.data_models.split(",") if m.strip())
             results = build(only, args.out or assets_dir(), args.work, args.device, args.smoke, data_models,
-                            args.resume_sd)
+                            args.resume_sd, args.data_prompts, args.candidates, args.sd_cycles)
             print(json.dumps(results, indent=2))
+        elif args.command == "trim-vocab":
+            for name in ("toy-sd", "toy-flow", "toy-reward", "toy-judge"):
+                print(name, trim_asset((args.assets or assets_dir()) / name))
         else:
             print(write_sample_grid(args.out, args.assets or assets_dir(), args.device))
     except DiffalignError as err:

@@ -179,22 +179,22 @@ def build_sd_parts(tokenizer_dir: Path, seed: int):
 
 
 def train_toy_sd(out_dir: Path, vae_dir: Path, tokenizer_dir: Path, spec: GeneratorSpec, device: torch.device,
-                 log=print, resume: bool = False) -> dict:
+                 log=print, resume: int = 0) -> dict:
     """`spec.sd_cycles` warm-restarted cycles of `spec.steps` steps. Each cycle starts from the
-    previous one's fp16-rounded weights and draws its own seeded batches, so `resume=True`
-    (start from the toy-sd already in out_dir, after its first cycle) gives the same result as
-    one uninterrupted run."""
+    previous one's fp16-rounded weights and draws its own seeded batches, so `resume=N` (start
+    from the toy-sd already in out_dir, saved after N cycles) gives the same result as one
+    uninterrupted run."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     start = time.time()
     vae = load_vae(vae_dir, device, keep_shift=False)
     tokenizer, text_encoder, unet, scheduler = build_sd_parts(tokenizer_dir, spec.seed)
-    first_cycle = 0
-    if resume:
-        unet = UNet2DConditionModel.from_pretrained(out_dir / "unet")
-        text_encoder = CLIPTextModel.from_pretrained(out_dir / "text_encoder")
-        first_cycle = 1
+    first_cycle = int(resume)
+    if first_cycle:  # the saved toy-sd has the trimmed toy vocabulary: use its own tokenizer
+        tokenizer = CLIPTokenizer.from_pretrained(out_dir / "tokenizer")
+        unet = UNet2DConditionModel.from_pretrained(out_dir / "unet", torch_dtype=torch.float32)
+        text_encoder = CLIPTextModel.from_pretrained(out_dir / "text_encoder", dtype=torch.float32)
     text_encoder.to(device).train()
     unet.to(device).train()
     params = list(unet.parameters()) + list(text_encoder.parameters())
