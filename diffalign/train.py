@@ -53,7 +53,7 @@ def quickstart_base(args) -> TrainConfig | None:
     base = merge(TrainConfig(), load_yaml(configs_dir() / name), f"configs/{name}")
     base.output_dir = f"outputs/quickstart-{method}"
     # Method-specific data: ranked lists for rankdpo, per-image captions for dcpo.
-    data = {"rankdpo": "ranked.parquet", "dcpo": "pairs_captioned.parquet"}.get(method)
+    data = {"rankdpo": "ranked.parquet"}.get(method)  # dcpo: pairs.parquet's caption_0/caption_1
     if data:
         base.dataset = base.dataset.replace("pairs.parquet", data)
     if method == "rankdpo":  # the toy ranked lists carry raw toy-reward scores, not win fractions

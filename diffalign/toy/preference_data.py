@@ -6,9 +6,9 @@ Written for each base model under assets/toy-data/<model>/:
   (toy-reward scores, descending): the Pick-a-Pic schema widened to K images, which
   diffalign.data reads with image_columns/label_columns set to all K.
 - pairs.parquet: the Pick-a-Pic v2 schema (caption, jpg_0, jpg_1, label_0, label_1): best vs
-  worst of each list, label_0 = 1 (the winner is always jpg_0).
-- pairs_captioned.parquet: the same pairs plus caption_0/caption_1 for DCPO. The winner keeps
-  the prompt; the loser gets the one-attribute edit of the prompt that toy-reward finds fits it
+  worst of each list, label_0 = 1 (the winner is always jpg_0), plus Pick-Double Caption's
+  caption_0/caption_1 for DCPO (one file, so the images are stored once). The winner keeps the
+  prompt; the loser gets the one-attribute edit of the prompt that toy-reward finds fits it
   best, i.e. a description of what the loser actually shows ("three" where it drew three).
 - stats.json: settings, sizes, toy-reward/toy-judge agreement and base-model accuracy.
 """
@@ -121,8 +121,17 @@ def write_parquet(path: Path, columns: dict[str, list]) -> None:
     pq.write_table(pa.table(columns), path, compression="zstd")
 
 
+def ranked_subset(candidates: int, k: int = K) -> list[int]:
+    """Which ranks of `candidates` sorted samples the K-list keeps: best, worst, evenly spread
+    between. With candidates == K that is every sample (plain Syn-Pic)."""
+    if candidates < k:
+        raise ValueError(f"candidates ({candidates}) must be at least K ({k})")
+    return [round(i * (candidates - 1) / (k - 1)) for i in range(k)]
+
+
 def build_preference_data(model_dir: Path, reward_dir: Path, judge_dir: Path, out_dir: Path, device: torch.device,
-                          num_prompts: int, heldout_prompts: int | None = None, log=print) -> dict:
+                          num_prompts: int | None = None, heldout_prompts: int | None = None,
+                          candidates: int = K, log=print) -> dict:
     start = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe = load_toy_pipeline(model_dir, device)
@@ -131,58 +140,64 @@ def build_preference_data(model_dir: Path, reward_dir: Path, judge_dir: Path, ou
     train_scenes, heldout_scenes = split_prompts()
     heldout_scenes = heldout_scenes[:heldout_prompts]
     # an evenly spread subset keeps every attribute value in the data
+    num_prompts = num_prompts or len(train_scenes)
     step = max(1, len(train_scenes) // num_prompts)
     scenes = train_scenes[::step][:num_prompts]
-    prompts = [s.prompt for s in scenes for _ in range(K)]
-    seeds = [image_seed(p, k) for p in range(len(scenes)) for k in range(K)]
-    images = generate(pipe, prompts, seeds, desc=f"sample {model_dir.name}")  # (P*K, 3, H, W)
+    C = candidates
+    prompts = [s.prompt for s in scenes for _ in range(C)]
+    seeds = [image_seed(p, k) for p in range(len(scenes)) for k in range(C)]
+    samples = generate(pipe, prompts, seeds, desc=f"sample {model_dir.name}")  # (P*C, 3, H, W)
 
     def own_prompt_scores(model, tok):
         return torch.cat([
-            clip_reward.score_matrix(model, tok, images[i : i + K], [scenes[i // K].prompt], device)[:, 0].cpu()
-            for i in range(0, len(images), K)
-        ]).view(len(scenes), K)
+            clip_reward.score_matrix(model, tok, samples[i : i + C], [scenes[i // C].prompt], device)[:, 0].cpu()
+            for i in range(0, len(samples), C)
+        ]).view(len(scenes), C)
 
-    reward_scores = own_prompt_scores(reward, reward_tok)  # (P, K)
-    judge_scores = own_prompt_scores(judge, judge_tok)
-    order = reward_scores.argsort(dim=1, descending=True)
+    all_reward = own_prompt_scores(reward, reward_tok)  # (P, C)
+    all_judge = own_prompt_scores(judge, judge_tok)
+    # keep K of the C samples, best first: (P, K) indices into each prompt's C samples
+    keep = all_reward.argsort(dim=1, descending=True)[:, ranked_subset(C)]
+    reward_scores, judge_scores = all_reward.gather(1, keep), all_judge.gather(1, keep)
+    images = samples.view(len(scenes), C, *samples.shape[1:])[torch.arange(len(scenes))[:, None], keep]  # (P, K, ...)
 
     ranked = {"caption": [s.prompt for s in scenes]}
     for k in range(K):
-        ranked[f"jpg_{k}"] = [png_bytes(images[p * K + order[p, k]]) for p in range(len(scenes))]
+        ranked[f"jpg_{k}"] = [png_bytes(images[p, k]) for p in range(len(scenes))]
     for k in range(K):
-        ranked[f"label_{k}"] = [float(reward_scores[p, order[p, k]]) for p in range(len(scenes))]
+        ranked[f"label_{k}"] = [float(reward_scores[p, k]) for p in range(len(scenes))]
     write_parquet(out_dir / "ranked.parquet", ranked)
 
-    pairs = {"caption": ranked["caption"], "jpg_0": ranked["jpg_0"], "jpg_1": ranked[f"jpg_{K - 1}"],
-             "label_0": [1.0] * len(scenes), "label_1": [0.0] * len(scenes)}
-    write_parquet(out_dir / "pairs.parquet", pairs)
+    # Pick-a-Pic v2 pairs (best against worst), with DCPO's per-image captions alongside as in
+    # Pick-Double Caption: DPO, MaPO and SFT read the prompt, DCPO caption_0/caption_1.
     loser_captions = []
     for p, scene in enumerate(scenes):
         edits = one_attribute_edits(scene)
-        loser = images[p * K + order[p, K - 1]][None]
-        fit = clip_reward.score_matrix(reward, reward_tok, loser, [e.prompt for e in edits], device)[0]
+        fit = clip_reward.score_matrix(reward, reward_tok, images[p, K - 1][None], [e.prompt for e in edits], device)[0]
         loser_captions.append(edits[int(fit.argmax())].prompt)
-    write_parquet(out_dir / "pairs_captioned.parquet", {**pairs, "caption_0": ranked["caption"], "caption_1": loser_captions})
+    write_parquet(out_dir / "pairs.parquet", {
+        "caption": ranked["caption"], "jpg_0": ranked["jpg_0"], "jpg_1": ranked[f"jpg_{K - 1}"],
+        "label_0": [1.0] * len(scenes), "label_1": [0.0] * len(scenes),
+        "caption_0": ranked["caption"], "caption_1": loser_captions,
+    })
 
     # how good is the base model, judged independently, on held-out prompts
     heldout_text = [s.prompt for s in heldout_scenes for _ in range(HELDOUT_IMAGES)]
     heldout_seeds = [image_seed(100_000 + p, k) for p in range(len(heldout_scenes)) for k in range(HELDOUT_IMAGES)]
     heldout_images = generate(pipe, heldout_text, heldout_seeds, desc="sample held-out")
     heldout_owner = [s for s in heldout_scenes for _ in range(HELDOUT_IMAGES)]
-    best, worst = order[:, 0], order[:, K - 1]
-    rows = torch.arange(len(scenes))
     stats = {
         "model": model_dir.name,
         "num_prompts": len(scenes),
         "images_per_prompt": K,
+        "candidates_per_prompt": C,
         "num_pairs": len(scenes),
         "sampling": {"steps": STEPS, "guidance_scale": GUIDANCE, "seed": f"{SEED_BASE} + 16 * prompt_index + k"},
-        "judge_agrees_on_pairs": round((judge_scores[rows, best] > judge_scores[rows, worst]).float().mean().item(), 4),
-        "judge_reward_pairwise_agreement": round(pairwise_agreement(reward_scores, judge_scores), 4),
-        "reward_margin_best_minus_worst": round((reward_scores[rows, best] - reward_scores[rows, worst]).mean().item(), 3),
+        "judge_agrees_on_pairs": round((judge_scores[:, 0] > judge_scores[:, K - 1]).float().mean().item(), 4),
+        "judge_reward_pairwise_agreement": round(pairwise_agreement(all_reward, all_judge), 4),
+        "reward_margin_best_minus_worst": round((reward_scores[:, 0] - reward_scores[:, K - 1]).mean().item(), 3),
         "base_model_heldout_following_by_judge": prompt_following(judge, judge_tok, heldout_images, heldout_owner, device),
-        "base_model_train_following_by_judge": prompt_following(judge, judge_tok, images, [s for s in scenes for _ in range(K)], device),
+        "base_model_train_following_by_judge": prompt_following(judge, judge_tok, samples, [s for s in scenes for _ in range(C)], device),
         "seconds": round(time.time() - start, 1),
     }
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")

@@ -90,14 +90,14 @@ def test_preference_data_loads_and_is_ranked(model):
     assert Image.open(io.BytesIO(ranked[0]["jpg_3"])).size == (IMAGE_SIZE, IMAGE_SIZE)
 
     pairs = pq.read_table(folder / "pairs.parquet")
-    assert pairs.column_names == ["caption", "jpg_0", "jpg_1", "label_0", "label_1"]
-    first = pairs.slice(0, 1).to_pylist()[0]
+    # Pick-a-Pic v2 columns, then Pick-Double Caption's per-image captions (DCPO)
+    assert pairs.column_names == ["caption", "jpg_0", "jpg_1", "label_0", "label_1", "caption_0", "caption_1"]
+    rows = pairs.to_pylist()
+    first = rows[0]
     assert first["jpg_0"] == ranked[0]["jpg_0"] and first["jpg_1"] == ranked[0]["jpg_3"] and first["label_0"] == 1.0
-
-    captioned = pq.read_table(folder / "pairs_captioned.parquet").to_pylist()
-    assert all(r["caption_0"] == r["caption"] != r["caption_1"] for r in captioned)
+    assert all(r["caption_0"] == r["caption"] != r["caption_1"] for r in rows)
     stats = json.loads((folder / "stats.json").read_text())
-    assert stats["num_pairs"] == len(captioned) == len(ranked)
+    assert stats["num_pairs"] == len(rows) == len(ranked)
 
 
 def test_diffalign_eval_cli_on_toy_sd(tmp_path):
