@@ -15,30 +15,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
-from statistics import NormalDist, fmean, pstdev
+from statistics import fmean
 
 
 def analyse(scores_jsonl: Path, reward: str) -> dict:
+    from diffalign.evaluate import gain_diagnostics
+
     rows = [json.loads(line) for line in scores_jsonl.read_text().splitlines() if line.strip()]
     if not rows or reward not in rows[0]:
         raise SystemExit(f"{scores_jsonl}: no scores for reward {reward!r}")
     model = [r[reward]["model"] for r in rows]
     base = [r[reward]["baseline"] for r in rows]
-    diff = [m - b for m, b in zip(model, base)]
-    sd = math.sqrt((pstdev(model) ** 2 + pstdev(base) ** 2) / 2)
-    d = fmean(diff) / sd
-    wins = [1.0 if x > 0 else 0.5 if x == 0 else 0.0 for x in diff]
+    wins = [1.0 if m > b else 0.5 if m == b else 0.0 for m, b in zip(model, base)]
     order = sorted(range(len(rows)), key=lambda i: base[i])
     quarter = max(1, len(rows) // 4)
     by_quartile = [fmean(wins[i] for i in order[q * quarter:(q + 1) * quarter]) for q in range(4)]
-    return {
-        "images": len(rows), "win_rate": fmean(wins), "mean_gain": fmean(diff), "sd": sd, "d": d,
-        "independent_draw_win": NormalDist().cdf(d / math.sqrt(2)),
-        "moved_over_half_sd": fmean(abs(x) > sd / 2 for x in diff),
-        "win_by_baseline_quartile": by_quartile,
-    }
+    return {"images": len(rows), "win_rate": fmean(wins), **gain_diagnostics(model, base),
+            "win_by_baseline_quartile": by_quartile}
 
 
 def main() -> None:
@@ -50,8 +44,8 @@ def main() -> None:
     for folder in args.eval_dirs:
         r = analyse(folder / "scores.jsonl", args.reward)
         quartiles = " ".join(f"{w:.2f}" for w in r["win_by_baseline_quartile"])
-        print(f"{str(folder)[-40:]:40} {r['images']:6d} {r['win_rate']:6.3f} {r['mean_gain']:6.2f} {r['d']:6.3f} "
-              f"{r['independent_draw_win']:8.3f} {r['moved_over_half_sd']:6.2f}  {quartiles}")
+        print(f"{str(folder)[-40:]:40} {r['images']:6d} {r['win_rate']:6.3f} {r['mean_gain']:6.2f} "
+              f"{r['effect_size_d']:6.3f} {r['independent_draw_win']:8.3f} {r['moved_share']:6.2f}  {quartiles}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ has a baseline twin that differs only in the weights. For every reward:
 - win_rate: the share of twins where the model scores higher (ties count half);
 - win_rate_ci: a 95% percentile bootstrap interval that resamples *prompts* (images of one
   prompt are correlated, so resampling images would be too narrow); 2000 resamples, seeded.
-  win_rate_ci_wilson (Wilson score interval over images) is written beside it for reference.
+  win_rate_ci_wilson (Wilson score interval over images) is written beside it for reference;
+- gain: the mean gain in standard deviations (effect_size_d), the win rate it would give
+  between independent draws, and the share of images the model re-drew (`gain_diagnostics`).
 
 Writes OUT/eval.json, OUT/scores.jsonl (every image's scores), OUT/grid.png (baseline left,
 model right, same seeds) and prints a summary table. `evaluate()` is the same thing as a
@@ -77,6 +79,28 @@ def bootstrap_over_prompts(wins: list[float], prompt_ids: list[int], resamples: 
     return (stats[lo_index], stats[hi_index])
 
 
+def gain_diagnostics(model_scores: list[float], baseline_scores: list[float]) -> dict:
+    """How much of a paired win rate is a mean gain, and how much the model re-draws images.
+
+    d is the mean score gain in pooled (population) standard deviations; independent_draw_win
+    = Φ(d/√2) is the win rate two independent draws with that gain would give; moved_share is
+    the share of twins whose score changed by more than half a standard deviation. When
+    fine-tuning re-draws most images (moved_share high), the win rate falls towards
+    independent_draw_win even if the mean gain is real (docs/benchmarks.md, "The toy world").
+    """
+    model_t = torch.tensor(model_scores, dtype=torch.float64)
+    base_t = torch.tensor(baseline_scores, dtype=torch.float64)
+    diff = model_t - base_t
+    sd = math.sqrt((float(model_t.var(unbiased=False)) + float(base_t.var(unbiased=False))) / 2)
+    d = float(diff.mean()) / sd if sd > 0 else 0.0
+    return {
+        "mean_gain": float(diff.mean()),
+        "effect_size_d": d,
+        "independent_draw_win": 0.5 * (1 + math.erf(d / 2)),  # Φ(d/√2) = (1 + erf(d/2)) / 2
+        "moved_share": float((diff.abs() > sd / 2).double().mean()) if sd > 0 else 0.0,
+    }
+
+
 def summarise(model_scores: list[float], baseline_scores: list[float], prompt_ids: list[int], seed: int = 0) -> dict:
     """eval.json's entry for one reward."""
     wins = win_fractions(model_scores, baseline_scores)
@@ -93,6 +117,7 @@ def summarise(model_scores: list[float], baseline_scores: list[float], prompt_id
         "ties": sum(1 for w in wins if w == 0.5),
         "num_prompts": len(set(prompt_ids)),
         "num_images": len(wins),
+        "gain": gain_diagnostics(model_scores, baseline_scores),
     }
 
 

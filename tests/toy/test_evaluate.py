@@ -9,7 +9,7 @@ import torch
 
 from diffalign.errors import DiffalignError
 from diffalign.evaluate import (
-    bootstrap_over_prompts, evaluate, image_seeds, summarise, win_fractions, wilson_interval,
+    bootstrap_over_prompts, evaluate, gain_diagnostics, image_seeds, summarise, win_fractions, wilson_interval,
 )
 
 
@@ -22,6 +22,21 @@ def test_wins_losses_and_ties_count_one_zero_half():
     assert r["baseline"]["reward_std"] == pytest.approx(torch.tensor([1.0, 2.0, 3.0, 0.5]).std().item())
     with pytest.raises(DiffalignError):
         win_fractions([1.0], [1.0, 2.0])
+
+
+def test_gain_diagnostics_on_a_known_shift():
+    # every twin gains exactly 1; both sides have population std sqrt(5): d = 1/sqrt(5)
+    g = gain_diagnostics([2.0, 4.0, 6.0, 8.0], [1.0, 3.0, 5.0, 7.0])
+    d = 1 / math.sqrt(5)
+    assert g["mean_gain"] == pytest.approx(1.0) and g["effect_size_d"] == pytest.approx(d)
+    # Φ(d/√2) from the normal CDF, computed independently
+    assert g["independent_draw_win"] == pytest.approx(0.5 * math.erfc(-(d / math.sqrt(2)) / math.sqrt(2)))
+    assert g["independent_draw_win"] == pytest.approx(0.6241, abs=1e-4)
+    assert g["moved_share"] == 0.0  # a gain of 1 is under half of sqrt(5)
+    # a re-draw: the same scores shuffled between twins -> no mean gain, most twins moved
+    g = gain_diagnostics([8.0, 2.0, 6.0, 4.0], [2.0, 8.0, 4.0, 6.0])
+    assert g["mean_gain"] == 0.0 and g["independent_draw_win"] == 0.5 and g["moved_share"] == 1.0
+    assert summarise([2.0, 4.0], [1.0, 3.0], prompt_ids=[0, 1])["gain"]["mean_gain"] == pytest.approx(1.0)
 
 
 def test_wilson_interval_matches_the_closed_form_values():
