@@ -43,6 +43,15 @@ class GeneratorSpec:
     renders_per_scene: int = 8
 
 
+def clipped_step(loss: torch.Tensor, params: list, optimiser, schedule) -> None:
+    """One optimiser step for the generators: gradients clipped to norm 1, then the LR schedule."""
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimiser.step()
+    schedule.step()
+
+
 def log_every(step: int, total: int) -> bool:
     return step % 500 == 0 or step == total - 1
 
@@ -217,11 +226,7 @@ def train_toy_sd(out_dir: Path, vae_dir: Path, tokenizer_dir: Path, spec: Genera
             a = alphas[t].view(-1, 1, 1, 1)
             xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
             loss = F.mse_loss(unet(xt, t, encoder_hidden_states=cond).sample, noise)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimiser.step()
-            schedule.step()
+            clipped_step(loss, params, optimiser, schedule)
             if log_every(step, spec.steps):
                 log(f"[toy-sd] cycle {cycle + 1} step {step} loss {loss.item():.4f}")
 
@@ -293,11 +298,7 @@ def train_toy_flow(out_dir: Path, vae_dir: Path, tokenizer_dir: Path, spec: Gene
         xt = (1 - s) * x0 + s * noise
         pred = transformer(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=cond, pooled_projections=pooled).sample
         loss = F.mse_loss(pred, noise - x0)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimiser.step()
-        schedule.step()
+        clipped_step(loss, params, optimiser, schedule)
         if log_every(step, spec.flow_steps):
             log(f"[toy-flow] step {step} loss {loss.item():.4f}")
 
