@@ -87,8 +87,9 @@ def tiny_clip_tokenizer():
     if "clip" not in _TOKENIZER_CACHE:
         from transformers import CLIPTokenizer
 
-        folder = write_tiny_clip_tokenizer(Path(tempfile.mkdtemp(prefix="diffalign-clip-tok-")))
-        tokenizer = CLIPTokenizer.from_pretrained(str(folder))
+        # Loaded into memory, so the folder can go (one leaked folder per test process otherwise).
+        with tempfile.TemporaryDirectory(prefix="diffalign-clip-tok-") as tmp:
+            tokenizer = CLIPTokenizer.from_pretrained(str(write_tiny_clip_tokenizer(Path(tmp))))
         assert len(tokenizer) == CLIP_VOCAB_SIZE and tokenizer.eos_token_id == CLIP_EOS
         _TOKENIZER_CACHE["clip"] = tokenizer
     return copy.deepcopy(_TOKENIZER_CACHE["clip"])
