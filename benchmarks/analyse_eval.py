@@ -5,8 +5,9 @@ the paired win rate into a mean gain and a re-draw effect.
 
 For each run: the mean score gain of the model over the baseline on the same seeds, its size
 in pooled standard deviations (d), the win rate two independent draws would give, Φ(d/√2), the
-share of images whose score moved by more than half a standard deviation, and the win rate in
-each quartile of the baseline's scores. When fine-tuning re-draws the picture a seed gives
+share of images whose score moved by more than half a standard deviation, the win rate on the
+first and on the second half of each prompt's images (the evaluation's own noise), and the win
+rate in each quartile of the baseline's scores. When fine-tuning re-draws the picture a seed gives
 (big moves, wins piled up where the baseline did worst), the paired win rate approaches
 Φ(d/√2): it is then set by the mean gain, and a gain of d ≈ 0.36 is what a win rate of 0.60 needs.
 """
@@ -32,7 +33,18 @@ def analyse(scores_jsonl: Path, reward: str) -> dict:
     quarter = max(1, len(rows) // 4)
     by_quartile = [fmean(wins[i] for i in order[q * quarter:(q + 1) * quarter]) for q in range(4)]
     return {"images": len(rows), "win_rate": fmean(wins), **gain_diagnostics(model, base),
-            "win_by_baseline_quartile": by_quartile}
+            "win_by_baseline_quartile": by_quartile, "win_by_image_half": win_by_image_half(rows, wins)}
+
+
+def win_by_image_half(rows: list[dict], wins: list[float]) -> tuple[float, float]:
+    """Win rate over the first and the second half of each prompt's images: two evaluations of the
+    same model on the same prompts with different seeds, so their gap shows the evaluation's own noise."""
+    per_prompt: dict[str, list[float]] = {}
+    for row, win in zip(rows, wins):
+        per_prompt.setdefault(row["prompt"], []).append(win)
+    first = [w for ws in per_prompt.values() for w in ws[: len(ws) // 2]]
+    second = [w for ws in per_prompt.values() for w in ws[len(ws) // 2:]]
+    return (fmean(first) if first else float("nan"), fmean(second) if second else float("nan"))
 
 
 def main() -> None:
@@ -40,12 +52,13 @@ def main() -> None:
     parser.add_argument("eval_dirs", nargs="+", type=Path, help="folders holding scores.jsonl")
     parser.add_argument("--reward", default="toy-judge")
     args = parser.parse_args()
-    print(f"{'run':40} {'images':>6} {'win':>6} {'gain':>6} {'d':>6} {'Φ(d/√2)':>8} {'moved':>6}  win by baseline quartile")
+    print(f"{'run':40} {'images':>6} {'win':>6} {'gain':>6} {'d':>6} {'Φ(d/√2)':>8} {'moved':>6}  {'halves':>11}  win by baseline quartile")
     for folder in args.eval_dirs:
         r = analyse(folder / "scores.jsonl", args.reward)
         quartiles = " ".join(f"{w:.2f}" for w in r["win_by_baseline_quartile"])
+        halves = "/".join(f"{w:.3f}" for w in r["win_by_image_half"])
         print(f"{str(folder)[-40:]:40} {r['images']:6d} {r['win_rate']:6.3f} {r['mean_gain']:6.2f} "
-              f"{r['effect_size_d']:6.3f} {r['independent_draw_win']:8.3f} {r['moved_share']:6.2f}  {quartiles}")
+              f"{r['effect_size_d']:6.3f} {r['independent_draw_win']:8.3f} {r['moved_share']:6.2f}  {halves:>11}  {quartiles}")
 
 
 if __name__ == "__main__":
