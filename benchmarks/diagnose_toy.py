@@ -1,0 +1,168 @@
+"""Probes of the toy world that explain its win rates (docs/benchmarks.md, "The toy world").
+
+    python benchmarks/diagnose_toy.py headroom                     # judge score: renders vs base samples
+    python benchmarks/diagnose_toy.py sensitivity                  # how much 1% weight noise re-draws
+    python benchmarks/diagnose_toy.py branches --lora OUT/quickstart-mapo
+    python benchmarks/diagnose_toy.py guidance --lora OUT/quickstart-dpo --scales 2,4,6
+
+Every probe generates with the evaluation's seeds (`seed + prompt_index * images + j`) on the
+held-out prompts, 20 steps, and scores with toy-judge and toy-reward.
+
+* headroom: mean score of the renderer's own picture of each held-out prompt against the base
+  model's samples (and the LoRA's, with --lora), and the share of samples that show no shape at
+  all (fewer than 1% of pixels differ from the image's median colour by more than 60 of 255).
+  A large gap means the generator, not the reward, limits what alignment can show.
+* sensitivity: adds Gaussian noise of `--noise` times each weight tensor's standard deviation to
+  the denoiser and counts the images that change visibly (max pixel change > 64 of 255). A
+  LoRA update is a weight change of this order, so this is the share of pictures any update
+  re-draws regardless of what it learned.
+* branches: classifier-free guidance runs the denoiser twice (empty prompt, prompt). Compares
+  the LoRA in both passes (what diffusers does) with the LoRA in the prompt pass only.
+* guidance: the model's win rate over the base at several guidance scales.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+import torch
+
+from diffalign.evaluate import (generate, image_seeds, load_lora, load_pipeline, load_rewards, read_prompts, score,
+                                summarise)
+
+REWARDS = "toy-judge,toy-reward"
+
+
+def setup(args):
+    prompts = read_prompts("toy")[: args.max_prompts]
+    all_prompts = [p for p in prompts for _ in range(args.images)]
+    seeds = image_seeds(len(prompts), args.images, args.seed)
+    prompt_ids = [i for i in range(len(prompts)) for _ in range(args.images)]
+    device = torch.device("cpu")
+    pipe = load_pipeline(args.model, device, torch.float32)
+    return pipe, all_prompts, seeds, prompt_ids, load_rewards(REWARDS, device), device
+
+
+def call_kwargs(guidance: float) -> dict:
+    return {"num_inference_steps": 20, "guidance_scale": guidance}
+
+
+def denoiser(pipe):
+    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+
+
+def report(label: str, model_images, base_images, prompts, prompt_ids, rewards, device) -> None:
+    for name, reward in rewards.items():
+        s = summarise(score(reward, model_images, prompts, 32, device), score(reward, base_images, prompts, 32, device),
+                      prompt_ids)
+        lo, hi = s["win_rate_ci"]
+        print(f"{label:28} {name:10} win {s['win_rate']:.3f} [{lo:.3f}, {hi:.3f}]  mean {s['baseline']['reward_mean']:6.2f}"
+              f" -> {s['model']['reward_mean']:6.2f}  d {s['gain']['effect_size_d']:5.2f}  moved {s['gain']['moved_share']:.2f}",
+              flush=True)
+
+
+def shows_no_shape(images: torch.Tensor) -> torch.Tensor:
+    """True where under 1% of the pixels differ from the image's median colour by more than 60/255."""
+    x = images.float()
+    median = x.flatten(2).median(2).values[:, :, None, None]
+    return ((x - median).abs().amax(1) > 60).float().mean((1, 2)) < 0.01
+
+
+def headroom(args) -> None:
+    import numpy as np
+
+    from diffalign.toy.render import parse_prompt, render
+
+    pipe, prompts, seeds, _, rewards, device = setup(args)
+    renders = torch.stack([torch.from_numpy(np.array(render(parse_prompt(p), 10_000_000 + s))).permute(2, 0, 1)
+                           for p, s in zip(prompts, seeds)])
+    sets = [("renders", renders), (f"{args.model} samples", generate(pipe, prompts, seeds, 32, call_kwargs(args.guidance), "base"))]
+    if args.lora:
+        load_lora(pipe, args.lora)
+        sets.append(("LoRA samples", generate(pipe, prompts, seeds, 32, call_kwargs(args.guidance), "LoRA")))
+    for label, images in sets:
+        print(f"{label:18} no shape: {shows_no_shape(images).float().mean():.2f}")
+    for name, reward in rewards.items():
+        for label, images in sets:
+            values = torch.tensor(score(reward, images, prompts, 32, device))
+            print(f"{name:10} {label:18} mean {values.mean():6.2f}  std {values.std():5.2f}")
+
+
+def sensitivity(args) -> None:
+    pipe, prompts, seeds, _, _, _ = setup(args)
+    before = generate(pipe, prompts, seeds, 32, call_kwargs(args.guidance), "base").float()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for weight in denoiser(pipe).parameters():
+            if weight.numel() > 1:
+                weight.add_(torch.randn(weight.shape, generator=generator) * weight.std() * args.noise)
+    after = generate(pipe, prompts, seeds, 32, call_kwargs(args.guidance), "perturbed").float()
+    changed = (after - before).abs().flatten(1).amax(1) > 64
+    print(f"weight noise {args.noise:g} x std: mean pixel change {(after - before).abs().mean():.1f}/255, "
+          f"{changed.float().mean():.2f} of {len(prompts)} images changed visibly (max pixel change > 64)")
+
+
+def lora_in_prompt_pass_only(net) -> Callable:
+    """A forward for the CFG batch [empty prompt; prompt] that runs the first half without the LoRA."""
+    forward = net.forward
+
+    def split(*args, **kwargs):
+        half = next(t for t in list(args) + list(kwargs.values()) if torch.is_tensor(t)).shape[0] // 2
+
+        def take(part):
+            pick = (lambda t: t[:half] if part == 0 else t[half:])
+            sliced = lambda t: pick(t) if torch.is_tensor(t) and t.dim() > 0 and t.shape[0] == 2 * half else t
+            return forward(*[sliced(a) for a in args], **{k: sliced(v) for k, v in kwargs.items()})[0]
+
+        net.disable_lora()
+        try:
+            uncond = take(0)
+        finally:
+            net.enable_lora()
+        return (torch.cat([uncond, take(1)]),)
+
+    return split
+
+
+def branches(args) -> None:
+    pipe, prompts, seeds, ids, rewards, device = setup(args)
+    base = generate(pipe, prompts, seeds, 32, call_kwargs(args.guidance), "base")
+    load_lora(pipe, args.lora)
+    both = generate(pipe, prompts, seeds, 32, call_kwargs(args.guidance), "LoRA in both passes")
+    net = denoiser(pipe)
+    net.forward = lora_in_prompt_pass_only(net)
+    prompt_only = generate(pipe, prompts, seeds, 32, call_kwargs(args.guidance), "LoRA in prompt pass")
+    report("LoRA in both passes", both, base, prompts, ids, rewards, device)
+    report("LoRA in the prompt pass only", prompt_only, base, prompts, ids, rewards, device)
+
+
+def guidance(args) -> None:
+    pipe, prompts, seeds, ids, rewards, device = setup(args)
+    scales = [float(s) for s in args.scales.split(",")]
+    base = {g: generate(pipe, prompts, seeds, 32, call_kwargs(g), f"base g={g}") for g in scales}
+    load_lora(pipe, args.lora)
+    for g in scales:
+        report(f"guidance {g}", generate(pipe, prompts, seeds, 32, call_kwargs(g), f"LoRA g={g}"), base[g],
+               prompts, ids, rewards, device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("probe", choices=["headroom", "sensitivity", "branches", "guidance"])
+    parser.add_argument("--model", default="toy-sd")
+    parser.add_argument("--lora", help="a trained LoRA folder (branches, guidance)")
+    parser.add_argument("--images", type=int, default=2, help="images per held-out prompt")
+    parser.add_argument("--max-prompts", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--scales", default="2,3,4,6,8")
+    parser.add_argument("--noise", type=float, default=0.01, help="sensitivity: noise in units of each weight's std")
+    args = parser.parse_args()
+    if args.probe in ("branches", "guidance") and not args.lora:
+        parser.error(f"{args.probe} needs --lora: a folder that `diffalign train` wrote")
+    {"headroom": headroom, "sensitivity": sensitivity, "branches": branches, "guidance": guidance}[args.probe](args)
+
+
+if __name__ == "__main__":
+    main()
