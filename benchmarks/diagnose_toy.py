@@ -6,7 +6,7 @@
     python benchmarks/diagnose_toy.py guidance --lora OUT/quickstart-dpo --scales 2,4,6
 
 Every probe generates with the evaluation's seeds (`seed + prompt_index * images + j`) on the
-held-out prompts, 20 steps, and scores with toy-judge and toy-reward.
+held-out prompts, 20 steps (`--steps`), and scores with toy-judge and toy-reward.
 
 * headroom: mean score of the renderer's own picture of each held-out prompt against the base
   model's samples (and the LoRA's, with --lora), and the share of samples that show no shape at
@@ -44,8 +44,11 @@ def setup(args):
     return pipe, all_prompts, seeds, prompt_ids, load_rewards(REWARDS, device), device
 
 
+STEPS = 20  # the data's and the quickstart's; --steps changes it
+
+
 def call_kwargs(guidance: float) -> dict:
-    return {"num_inference_steps": 20, "guidance_scale": guidance}
+    return {"num_inference_steps": STEPS, "guidance_scale": guidance}
 
 
 def denoiser(pipe):
@@ -156,9 +159,12 @@ def main() -> None:
     parser.add_argument("--max-prompts", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--steps", type=int, default=20, help="sampling steps")
     parser.add_argument("--scales", default="2,3,4,6,8")
     parser.add_argument("--noise", type=float, default=0.01, help="sensitivity: noise in units of each weight's std")
     args = parser.parse_args()
+    global STEPS
+    STEPS = args.steps
     if args.probe in ("branches", "guidance") and not args.lora:
         parser.error(f"{args.probe} needs --lora: a folder that `diffalign train` wrote")
     {"headroom": headroom, "sensitivity": sensitivity, "branches": branches, "guidance": guidance}[args.probe](args)
