@@ -2,6 +2,7 @@
 
     python benchmarks/diagnose_toy.py headroom                     # judge score: renders vs base samples
     python benchmarks/diagnose_toy.py sensitivity                  # how much 1% weight noise re-draws
+    python benchmarks/diagnose_toy.py sensitivity --lora OUT/quickstart-dpo --attention-only --noise 0.11
     python benchmarks/diagnose_toy.py branches --lora OUT/quickstart-mapo
     python benchmarks/diagnose_toy.py guidance --lora OUT/quickstart-dpo --scales 2,4,6
 
@@ -13,9 +14,10 @@ held-out prompts, 20 steps (`--steps`), and scores with toy-judge and toy-reward
   all (fewer than 1% of pixels differ from the image's median colour by more than 60 of 255).
   A large gap means the generator, not the reward, limits what alignment can show.
 * sensitivity: adds Gaussian noise of `--noise` times each weight tensor's standard deviation to
-  the denoiser and counts the images that change visibly (max pixel change > 64 of 255). A
-  LoRA update is a weight change of this order, so this is the share of pictures any update
-  re-draws regardless of what it learned.
+  the denoiser (every weight, or with --attention-only the attention projections a LoRA adapts)
+  and counts the images that change visibly (max pixel change > 64 of 255). With --lora it first
+  does the same count for the trained LoRA and prints its size, ||BA||/||W||, so a trained
+  update can be set beside a random one of the same size.
 * branches: classifier-free guidance runs the denoiser twice (empty prompt, prompt). Compares
   the LoRA in both passes (what diffusers does) with the LoRA in the prompt pass only.
 * guidance: the model's win rate over the base at several guidance scales.
@@ -92,18 +94,52 @@ def headroom(args) -> None:
             print(f"{name:10} {label:18} mean {values.mean():6.2f}  std {values.std():5.2f}")
 
 
+# What diffalign's LoRA adapts: UNet attention, and SD3's joint-attention context projections.
+ATTENTION_PROJECTIONS = ("to_q.", "to_k.", "to_v.", "to_out.0.", "add_q_proj.", "add_k_proj.", "add_v_proj.",
+                         "to_add_out.")
+LORA_KEY_PAIRS = ((".lora.down.weight", ".lora.up.weight"), (".lora_A.weight", ".lora_B.weight"))  # old / peft
+
+
+def print_change(label: str, before: torch.Tensor, after: torch.Tensor) -> None:
+    changed = (after - before).abs().flatten(1).amax(1) > 64
+    print(f"{label}: mean pixel change {(after - before).abs().mean():.1f}/255, {changed.float().mean():.2f} of "
+          f"{len(before)} images changed visibly (max pixel change > 64)", flush=True)
+
+
+def lora_relative_norms(pipe, lora: str) -> list[float]:
+    """||B A|| / ||W|| for every adapted weight of a diffalign/diffusers LoRA file."""
+    from safetensors.torch import load_file
+
+    state = load_file(f"{lora}/pytorch_lora_weights.safetensors")
+    weights = dict(denoiser(pipe).named_parameters())
+    ratios = []
+    for key, down in state.items():
+        for down_suffix, up_suffix in LORA_KEY_PAIRS:
+            if key.endswith(down_suffix):
+                up = state[key[: -len(down_suffix)] + up_suffix]
+                base = weights[key.split(".", 1)[1][: -len(down_suffix)] + ".weight"]
+                ratios.append(float((up.float() @ down.float()).norm() / base.detach().norm()))
+    return ratios
+
+
 def sensitivity(args) -> None:
     pipe, prompts, seeds, _, _, _ = setup(args)
     before = generate(pipe, prompts, seeds, 32, call_kwargs(args.guidance), "base").float()
+    if args.lora:
+        ratios = sorted(lora_relative_norms(pipe, args.lora))
+        load_lora(pipe, args.lora)
+        print_change(f"the LoRA (||BA||/||W|| median {ratios[len(ratios) // 2]:.3f})", before,
+                     generate(pipe, prompts, seeds, 32, call_kwargs(args.guidance), "LoRA").float())
+        pipe.unload_lora_weights()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for weight in denoiser(pipe).parameters():
-            if weight.numel() > 1:
+        for name, weight in denoiser(pipe).named_parameters():
+            attention = weight.dim() == 2 and any(key in name for key in ATTENTION_PROJECTIONS)
+            if weight.numel() > 1 and (attention or not args.attention_only):
                 weight.add_(torch.randn(weight.shape, generator=generator) * weight.std() * args.noise)
-    after = generate(pipe, prompts, seeds, 32, call_kwargs(args.guidance), "perturbed").float()
-    changed = (after - before).abs().flatten(1).amax(1) > 64
-    print(f"weight noise {args.noise:g} x std: mean pixel change {(after - before).abs().mean():.1f}/255, "
-          f"{changed.float().mean():.2f} of {len(prompts)} images changed visibly (max pixel change > 64)")
+    where = "attention projections" if args.attention_only else "every weight"
+    print_change(f"noise {args.noise:g} x std on {where}", before,
+                 generate(pipe, prompts, seeds, 32, call_kwargs(args.guidance), "perturbed").float())
 
 
 def lora_in_prompt_pass_only(net) -> Callable:
@@ -162,6 +198,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="sampling steps")
     parser.add_argument("--scales", default="2,3,4,6,8")
     parser.add_argument("--noise", type=float, default=0.01, help="sensitivity: noise in units of each weight's std")
+    parser.add_argument("--attention-only", action="store_true",
+                        help="sensitivity: perturb only the attention projections, the weights a LoRA adapts")
     args = parser.parse_args()
     global STEPS
     STEPS = args.steps
