@@ -46,11 +46,8 @@ def setup(args):
     return pipe, all_prompts, seeds, prompt_ids, load_rewards(REWARDS, device), device
 
 
-STEPS = 20  # the data's and the quickstart's; --steps changes it
-
-
-def call_kwargs(guidance: float) -> dict:
-    return {"num_inference_steps": STEPS, "guidance_scale": guidance}
+def call_kwargs(args, guidance: float | None = None) -> dict:
+    return {"num_inference_steps": args.steps, "guidance_scale": args.guidance if guidance is None else guidance}
 
 
 def denoiser(pipe):
@@ -82,10 +79,10 @@ def headroom(args) -> None:
     pipe, prompts, seeds, _, rewards, device = setup(args)
     renders = torch.stack([torch.from_numpy(np.array(render(parse_prompt(p), 10_000_000 + s))).permute(2, 0, 1)
                            for p, s in zip(prompts, seeds)])
-    sets = [("renders", renders), (f"{args.model} samples", generate(pipe, prompts, seeds, 32, call_kwargs(args.guidance), "base"))]
+    sets = [("renders", renders), (f"{args.model} samples", generate(pipe, prompts, seeds, 32, call_kwargs(args), "base"))]
     if args.lora:
         load_lora(pipe, args.lora)
-        sets.append(("LoRA samples", generate(pipe, prompts, seeds, 32, call_kwargs(args.guidance), "LoRA")))
+        sets.append(("LoRA samples", generate(pipe, prompts, seeds, 32, call_kwargs(args), "LoRA")))
     for label, images in sets:
         print(f"{label:18} no shape: {shows_no_shape(images).float().mean():.2f}")
     for name, reward in rewards.items():
@@ -124,12 +121,12 @@ def lora_relative_norms(pipe, lora: str) -> list[float]:
 
 def sensitivity(args) -> None:
     pipe, prompts, seeds, _, _, _ = setup(args)
-    before = generate(pipe, prompts, seeds, 32, call_kwargs(args.guidance), "base").float()
+    before = generate(pipe, prompts, seeds, 32, call_kwargs(args), "base").float()
     if args.lora:
         ratios = sorted(lora_relative_norms(pipe, args.lora))
         load_lora(pipe, args.lora)
         print_change(f"the LoRA (||BA||/||W|| median {ratios[len(ratios) // 2]:.3f})", before,
-                     generate(pipe, prompts, seeds, 32, call_kwargs(args.guidance), "LoRA").float())
+                     generate(pipe, prompts, seeds, 32, call_kwargs(args), "LoRA").float())
         pipe.unload_lora_weights()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -139,7 +136,7 @@ def sensitivity(args) -> None:
                 weight.add_(torch.randn(weight.shape, generator=generator) * weight.std() * args.noise)
     where = "attention projections" if args.attention_only else "every weight"
     print_change(f"noise {args.noise:g} x std on {where}", before,
-                 generate(pipe, prompts, seeds, 32, call_kwargs(args.guidance), "perturbed").float())
+                 generate(pipe, prompts, seeds, 32, call_kwargs(args), "perturbed").float())
 
 
 def lora_in_prompt_pass_only(net) -> Callable:
@@ -166,12 +163,12 @@ def lora_in_prompt_pass_only(net) -> Callable:
 
 def branches(args) -> None:
     pipe, prompts, seeds, ids, rewards, device = setup(args)
-    base = generate(pipe, prompts, seeds, 32, call_kwargs(args.guidance), "base")
+    base = generate(pipe, prompts, seeds, 32, call_kwargs(args), "base")
     load_lora(pipe, args.lora)
-    both = generate(pipe, prompts, seeds, 32, call_kwargs(args.guidance), "LoRA in both passes")
+    both = generate(pipe, prompts, seeds, 32, call_kwargs(args), "LoRA in both passes")
     net = denoiser(pipe)
     net.forward = lora_in_prompt_pass_only(net)
-    prompt_only = generate(pipe, prompts, seeds, 32, call_kwargs(args.guidance), "LoRA in prompt pass")
+    prompt_only = generate(pipe, prompts, seeds, 32, call_kwargs(args), "LoRA in prompt pass")
     report("LoRA in both passes", both, base, prompts, ids, rewards, device)
     report("LoRA in the prompt pass only", prompt_only, base, prompts, ids, rewards, device)
 
@@ -179,10 +176,10 @@ def branches(args) -> None:
 def guidance(args) -> None:
     pipe, prompts, seeds, ids, rewards, device = setup(args)
     scales = [float(s) for s in args.scales.split(",")]
-    base = {g: generate(pipe, prompts, seeds, 32, call_kwargs(g), f"base g={g}") for g in scales}
+    base = {g: generate(pipe, prompts, seeds, 32, call_kwargs(args, g), f"base g={g}") for g in scales}
     load_lora(pipe, args.lora)
     for g in scales:
-        report(f"guidance {g}", generate(pipe, prompts, seeds, 32, call_kwargs(g), f"LoRA g={g}"), base[g],
+        report(f"guidance {g}", generate(pipe, prompts, seeds, 32, call_kwargs(args, g), f"LoRA g={g}"), base[g],
                prompts, ids, rewards, device)
 
 
@@ -190,19 +187,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("probe", choices=["headroom", "sensitivity", "branches", "guidance"])
     parser.add_argument("--model", default="toy-sd")
-    parser.add_argument("--lora", help="a trained LoRA folder (branches, guidance)")
+    parser.add_argument("--lora", help="a trained LoRA folder (needed by branches and guidance; optional for headroom and sensitivity)")
     parser.add_argument("--images", type=int, default=2, help="images per held-out prompt")
     parser.add_argument("--max-prompts", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance", type=float, default=4.0)
-    parser.add_argument("--steps", type=int, default=20, help="sampling steps")
+    parser.add_argument("--steps", type=int, default=20, help="sampling steps (20: the data's and the quickstart's)")
     parser.add_argument("--scales", default="2,3,4,6,8")
     parser.add_argument("--noise", type=float, default=0.01, help="sensitivity: noise in units of each weight's std")
     parser.add_argument("--attention-only", action="store_true",
                         help="sensitivity: perturb only the attention projections, the weights a LoRA adapts")
     args = parser.parse_args()
-    global STEPS
-    STEPS = args.steps
     if args.probe in ("branches", "guidance") and not args.lora:
         parser.error(f"{args.probe} needs --lora: a folder that `diffalign train` wrote")
     {"headroom": headroom, "sensitivity": sensitivity, "branches": branches, "guidance": guidance}[args.probe](args)
