@@ -26,10 +26,16 @@ from pathlib import Path
 from statistics import fmean
 
 
+def read_scores(scores_jsonl: Path) -> list[dict]:
+    if not scores_jsonl.is_file():
+        raise SystemExit(f"{scores_jsonl} not found: pass the eval folders `diffalign eval` or `diffalign train` wrote")
+    return [json.loads(line) for line in scores_jsonl.read_text().splitlines() if line.strip()]
+
+
 def analyse(scores_jsonl: Path, reward: str) -> dict:
     from diffalign.evaluate import gain_diagnostics
 
-    rows = [json.loads(line) for line in scores_jsonl.read_text().splitlines() if line.strip()]
+    rows = read_scores(scores_jsonl)
     if not rows or reward not in rows[0]:
         raise SystemExit(f"{scores_jsonl}: no scores for reward {reward!r}")
     model = [r[reward]["model"] for r in rows]
@@ -48,7 +54,7 @@ def pooled_win(eval_dirs: list[Path], reward: str) -> tuple[float, tuple[float, 
 
     wins, prompt_ids, index = [], [], {}
     for folder in eval_dirs:
-        rows = [json.loads(line) for line in (folder / "scores.jsonl").read_text().splitlines() if line.strip()]
+        rows = read_scores(folder / "scores.jsonl")
         wins += win_fractions([r[reward]["model"] for r in rows], [r[reward]["baseline"] for r in rows])
         prompt_ids += [index.setdefault(r["prompt"], len(index)) for r in rows]
     return fmean(wins), bootstrap_over_prompts(wins, prompt_ids), len(wins)

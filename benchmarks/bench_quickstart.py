@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from analyse_eval import pooled_win  # benchmarks/ is on sys.path when this script runs
+
 
 def run_one(method: str, seed: int, root: Path, extra: list[str], eval_images: int) -> dict:
     out = root / f"{method}-seed{seed}"
@@ -75,7 +77,9 @@ def main() -> None:
             jw = sum(win(r["eval"], "toy-judge")[0] for r in ok) / len(ok)
             rw = sum(win(r["eval"], "toy-reward")[0] for r in ok) / len(ok)
             lo = min(win(r["eval"], "toy-judge")[1][0] for r in ok)
-            print(f"{method:9} judge win {jw:.3f} (lowest CI bound {lo:.3f}), reward win {rw:.3f}, {len(ok)} seeds")
+            pooled, (plo, phi), _ = pooled_win([root / f"{method}-seed{r['seed']}" / "eval" for r in ok], "toy-judge")
+            print(f"{method:9} judge win {jw:.3f} (lowest CI bound {lo:.3f}; all seeds' images pooled {pooled:.3f} "
+                  f"[{plo:.3f}, {phi:.3f}]), reward win {rw:.3f}, {len(ok)} seeds")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
