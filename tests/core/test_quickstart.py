@@ -32,3 +32,19 @@ def test_flow_quickstart_uses_the_flow_model(tmp_path):
     assert main(["train", "--method", "flow-dpo", "--max-steps", "1", "--output-dir", str(out),
                  "--eval-max-prompts", "1", "--validation-steps", "1"]) == 0
     assert "toy-flow" in (out / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("argv, lr", [
+    (["--method", "dpo"], 1e-4),
+    (["--method", "flow-dpo"], 1e-4),
+    (["--method", "mapo"], 1e-3),  # MaPO keeps the higher rate (docs/benchmarks.md)
+    (["--method", "mapo", "--lr", "3e-5"], 3e-5),  # a user's --lr still wins
+])
+def test_quickstart_learning_rate_per_method(argv, lr):
+    from diffalign.cli import build_parser
+    from diffalign.config import resolve_config
+    from diffalign.train import quickstart_base
+
+    full = ["train", *argv]
+    args = build_parser(full)[0].parse_args(full)
+    assert resolve_config(args, base=quickstart_base(args)).lr == pytest.approx(lr)
