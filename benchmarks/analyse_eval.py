@@ -33,14 +33,14 @@ def read_scores(scores_jsonl: Path) -> list[dict]:
 
 
 def analyse(scores_jsonl: Path, reward: str) -> dict:
-    from diffalign.evaluate import gain_diagnostics
+    from diffalign.evaluate import gain_diagnostics, win_fractions
 
     rows = read_scores(scores_jsonl)
     if not rows or reward not in rows[0]:
         raise SystemExit(f"{scores_jsonl}: no scores for reward {reward!r}")
     model = [r[reward]["model"] for r in rows]
     base = [r[reward]["baseline"] for r in rows]
-    wins = [1.0 if m > b else 0.5 if m == b else 0.0 for m, b in zip(model, base)]
+    wins = win_fractions(model, base)
     order = sorted(range(len(rows)), key=lambda i: base[i])
     quarter = max(1, len(rows) // 4)
     by_quartile = [fmean(wins[i] for i in order[q * quarter:(q + 1) * quarter]) for q in range(4)]
