@@ -17,7 +17,9 @@ Rule-based perturbation (no model): words of a known class are replaced by anoth
 same class - colours (red -> blue), shapes (circles -> squares, plural kept), counts (two ->
 three), sizes and spatial relations (small <-> large, left <-> right, top <-> bottom). The
 strength sets the number of edits: weak 1, medium 2, strong 3 (loosely DIPPER's lexical
-diversity 40/60/80 in the paper). Text with no such word loses one random content word instead.
+diversity 40/60/80 in the paper). A shape noun after a count is then made to agree with it
+("one red circles" -> "one red circle"). Text with no such word loses one random content word
+instead.
 The random choices are seeded by (seed, text), so a rerun gives the same captions.
 
 Files: a Pick-a-Pic schema parquet (caption, jpg_0, jpg_1, label_0[, label_1]) gets caption_0
@@ -58,8 +60,14 @@ OPPOSITES = {
     "inside": "outside", "outside": "inside", "day": "night", "night": "day",
 }
 STOPWORDS = {"a", "an", "the", "of", "on", "in", "at", "with", "and", "or", "to", "is", "are", "its", "his", "her"}
+# Words that may stand between a count and its noun ("two small red circles").
+ADJECTIVES = COLOURS + ("small", "large", "big", "tiny", "huge")
 
 WORD = re.compile(r"[A-Za-z]+")
+# "<count> [adjectives] <shape>[s]": group 1 the count, 2 the words between, 3 the singular noun.
+COUNT_PHRASE = re.compile(
+    rf"\b({'|'.join(COUNTS)})((?:\s+(?:{'|'.join(ADJECTIVES)}))*\s+)({'|'.join(SHAPES)})s?\b", re.IGNORECASE
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,7 +108,17 @@ def perturb_text(text: str, strength: str = "medium", seed: int = 0) -> str:
     out = text
     for (start, end), new in sorted(edits.items(), reverse=True):  # right to left: spans stay valid
         out = out[:start] + new + out[end:]
-    return re.sub(r"\s{2,}", " ", out).strip()
+    return _agree_counts(re.sub(r"\s{2,}", " ", out).strip())
+
+
+def _agree_counts(text: str) -> str:
+    """Make a shape noun agree with the count before it, so that an edited count does not leave
+    "one red circles" or "two red circle" behind."""
+    def agree(m: re.Match) -> str:
+        plural = "" if m.group(1).lower() == "one" else "s"
+        return m.group(1) + m.group(2) + m.group(3) + plural
+
+    return COUNT_PHRASE.sub(agree, text)
 
 
 def rule_perturber(strength: str = "medium", seed: int = 0) -> Callable[[list[str]], list[str]]:

@@ -46,6 +46,16 @@ def test_rule_perturbation_swaps_words_of_the_same_class():
         cap.perturb_text(text, "extreme")
 
 
+def test_rule_perturbation_keeps_count_and_noun_in_agreement():
+    assert cap._agree_counts("one red circles and two blue square") == "one red circle and two blue squares"
+    assert cap._agree_counts("One of the circles") == "One of the circles"  # not a count phrase
+    for seed in range(40):  # counts and shapes edited at random: every result must agree
+        for text in ("one small red circle on the left", "three large blue squares"):
+            words = cap.perturb_text(text, "strong", seed=seed).split()
+            count, noun = words[0], words[-1] if text.startswith("three") else words[3]
+            assert noun.endswith("s") == (count != "one"), (text, words)
+
+
 def test_strategies_on_groups():
     groups = [{"prompt": "a square", "images": [png((255, 0, 0)), png((0, 0, 255))], "best": 0},
               {"prompt": "a tie", "images": [png((0, 255, 0)), png((255, 0, 0))], "best": None}]
