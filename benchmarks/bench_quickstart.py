@@ -9,6 +9,7 @@ default of 2 keeps a demo run under 5 minutes but is too noisy to judge a win ra
 
     python benchmarks/bench_quickstart.py --methods dpo,mapo,sft,flow-dpo --seeds 0,1,2
     python benchmarks/bench_quickstart.py --methods rankdpo,dcpo --seeds 0,1,2 --extra "--max-steps 300"
+    python benchmarks/bench_quickstart.py --methods rankdpo,dcpo --model toy-flow   # the flow forms
 
 A large gap between the two rewards' win rates is reward hacking; the script flags it.
 """
@@ -26,10 +27,16 @@ from pathlib import Path
 from analyse_eval import pooled_win  # benchmarks/ is on sys.path when this script runs
 
 
-def run_one(method: str, seed: int, root: Path, extra: list[str], eval_images: int) -> dict:
-    out = root / f"{method}-seed{seed}"
+def run_dir(root: Path, method: str, seed: int, model: str | None) -> Path:
+    return root / (f"{method}-{model}-seed{seed}" if model else f"{method}-seed{seed}")
+
+
+def run_one(method: str, seed: int, root: Path, extra: list[str], eval_images: int, model: str | None) -> dict:
+    out = run_dir(root, method, seed, model)
     cmd = [sys.executable, "-m", "diffalign.cli", "train", "--method", method, "--seed", str(seed),
            "--output-dir", str(out), "--eval-num-images", str(eval_images)] + extra
+    if model:  # a toy model alone: the quickstart on that model and its own data
+        cmd += ["--model", model]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -49,6 +56,8 @@ def main() -> None:
     parser.add_argument("--methods", default="dpo,mapo,sft,flow-dpo")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--root", default="outputs/bench-quickstart")
+    parser.add_argument("--model", default=None,
+                        help="toy-sd or toy-flow for every method (default: toy-flow for flow-dpo, toy-sd otherwise)")
     parser.add_argument("--extra", default="", help="extra `diffalign train` flags for every run")
     parser.add_argument("--eval-images", type=int, default=4,
                         help="images per held-out prompt; the quickstart itself uses 2 to stay under 5 minutes, "
@@ -60,7 +69,7 @@ def main() -> None:
     print(f"{'method':9} {'seed':>4} {'judge win':>9} {'judge 95% CI':>15} {'reward win':>10} {'reward 95% CI':>15} {'time s':>7}")
     for method in args.methods.split(","):
         for seed in [int(s) for s in args.seeds.split(",")]:
-            r = run_one(method, seed, root, shlex.split(args.extra), args.eval_images)
+            r = run_one(method, seed, root, shlex.split(args.extra), args.eval_images, args.model)
             results.append(r)
             if "error" in r:
                 print(f"{method:9} {seed:>4} failed: {r['error']}")
@@ -77,7 +86,7 @@ def main() -> None:
             jw = sum(win(r["eval"], "toy-judge")[0] for r in ok) / len(ok)
             rw = sum(win(r["eval"], "toy-reward")[0] for r in ok) / len(ok)
             lo = min(win(r["eval"], "toy-judge")[1][0] for r in ok)
-            pooled, (plo, phi), _ = pooled_win([root / f"{method}-seed{r['seed']}" / "eval" for r in ok], "toy-judge")
+            pooled, (plo, phi), _ = pooled_win([run_dir(root, method, r["seed"], args.model) / "eval" for r in ok], "toy-judge")
             print(f"{method:9} judge win {jw:.3f} (lowest CI bound {lo:.3f}; all seeds' images pooled {pooled:.3f} "
                   f"[{plo:.3f}, {phi:.3f}]), reward win {rw:.3f}, {len(ok)} seeds")
     if args.json:

@@ -34,8 +34,15 @@ def run(args) -> int:
     return 130 if result.get("interrupted") else 0
 
 
+# The toy models and their quickstart configs (each names the model's own preference data).
+TOY_QUICKSTARTS = {"toy-sd": "quickstart.yaml", "toy-flow": "quickstart-flow.yaml"}
+
+
 def quickstart_base(args) -> TrainConfig | None:
-    """With neither --model nor --dataset (on the CLI or in --config), start from the toy quickstart."""
+    """With neither --model nor --dataset (on the CLI or in --config), start from the toy quickstart.
+
+    A toy model with no --dataset (`--model toy-flow`) runs the quickstart on that model and its data.
+    """
     from diffalign.paths import configs_dir
 
     user = load_yaml(args.config) if getattr(args, "config", None) else {}
@@ -43,15 +50,17 @@ def quickstart_base(args) -> TrainConfig | None:
     dataset = getattr(args, "dataset", None) or user.get("dataset")
     if model and dataset:
         return None
-    if model or dataset:
+    if dataset or (model and model not in TOY_QUICKSTARTS):
         missing = "--dataset" if model else "--model"
         raise DiffalignError(
-            f"{missing} is missing: give both --model and --dataset, or neither to run the toy quickstart"
+            f"{missing} is missing: give both --model and --dataset, or neither (or only a toy model: "
+            f"{', '.join(TOY_QUICKSTARTS)}) to run the toy quickstart"
         )
     method = getattr(args, "method", None) or user.get("method") or "dpo"
-    name = "quickstart-flow.yaml" if method == "flow-dpo" else "quickstart.yaml"
+    default_model = "toy-flow" if method == "flow-dpo" else "toy-sd"
+    name = TOY_QUICKSTARTS[model or default_model]
     base = merge(TrainConfig(), load_yaml(configs_dir() / name), f"configs/{name}")
-    base.output_dir = f"outputs/quickstart-{method}"
+    base.output_dir = f"outputs/quickstart-{method}" + (f"-{model}" if model and model != default_model else "")
     # Method-specific data: ranked lists for rankdpo, per-image captions for dcpo.
     data = {"rankdpo": "ranked.parquet"}.get(method)  # dcpo: pairs.parquet's caption_0/caption_1
     if data:
@@ -59,8 +68,8 @@ def quickstart_base(args) -> TrainConfig | None:
     if method == "rankdpo":  # the toy ranked lists carry raw toy-reward scores, not win fractions
         base.objective = {"label_gain": "rank"}
     if method == "mapo":  # no reference model holds MaPO's update, and 1e-4 re-draws as much as 1e-3 but gains less
-        base.lr = 1e-3  # held-out toy-judge win 0.542 vs 0.506 over 3 seeds (docs/benchmarks.md)
-    print(f"diffalign: no --model/--dataset given: running the toy quickstart (configs/{name})")
+        base.lr = 1e-3  # held-out toy-judge win on toy-sd 0.542 vs 0.506 over 3 seeds (docs/benchmarks.md)
+    print(f"diffalign: no --dataset given: running the toy quickstart on {base.model} (configs/{name})")
     return base
 
 

@@ -48,3 +48,22 @@ def test_quickstart_learning_rate_per_method(argv, lr):
     full = ["train", *argv]
     args = build_parser(full)[0].parse_args(full)
     assert resolve_config(args, base=quickstart_base(args)).lr == pytest.approx(lr)
+
+
+@pytest.mark.parametrize("argv, model, dataset, output_dir", [
+    (["--method", "rankdpo", "--model", "toy-flow"], "toy-flow", "toy-data/toy-flow/ranked.parquet",
+     "outputs/quickstart-rankdpo-toy-flow"),
+    (["--method", "dcpo", "--model", "toy-flow"], "toy-flow", "toy-data/toy-flow/pairs.parquet",
+     "outputs/quickstart-dcpo-toy-flow"),
+    (["--method", "dpo", "--model", "toy-sd"], "toy-sd", "toy-data/toy-sd/pairs.parquet", "outputs/quickstart-dpo"),
+    (["--method", "rankdpo"], "toy-sd", "toy-data/toy-sd/ranked.parquet", "outputs/quickstart-rankdpo"),
+])
+def test_a_toy_model_alone_runs_the_quickstart_on_its_own_data(argv, model, dataset, output_dir):
+    from diffalign.cli import build_parser
+    from diffalign.config import resolve_config
+    from diffalign.train import quickstart_base
+
+    full = ["train", *argv]
+    args = build_parser(full)[0].parse_args(full)
+    cfg = resolve_config(args, base=quickstart_base(args))
+    assert (cfg.model, cfg.dataset, cfg.output_dir) == (model, dataset, output_dir)
