@@ -52,7 +52,7 @@ def test_rule_perturbation_keeps_count_and_noun_in_agreement():
     for seed in range(40):  # counts and shapes edited at random: every result must agree
         for text in ("one small red circle on the left", "three large blue squares"):
             words = cap.perturb_text(text, "strong", seed=seed).split()
-            count, noun = words[0], words[-1] if text.startswith("three") else words[3]
+            count, noun = words[0], (words[-1] if text.startswith("three") else words[3])
             assert noun.endswith("s") == (count != "one"), (text, words)
 
 
