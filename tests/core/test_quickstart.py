@@ -34,6 +34,17 @@ def test_flow_quickstart_uses_the_flow_model(tmp_path):
     assert "toy-flow" in (out / "config.yaml").read_text()
 
 
+def quickstart_config(argv):
+    """The config `diffalign train ARGV` would train with (CLI over the quickstart base), without training."""
+    from diffalign.cli import build_parser
+    from diffalign.config import resolve_config
+    from diffalign.train import quickstart_base
+
+    full = ["train", *argv]
+    args = build_parser(full)[0].parse_args(full)
+    return resolve_config(args, base=quickstart_base(args))
+
+
 @pytest.mark.parametrize("argv, lr", [
     (["--method", "dpo"], 1e-4),
     (["--method", "flow-dpo"], 1e-4),
@@ -41,13 +52,7 @@ def test_flow_quickstart_uses_the_flow_model(tmp_path):
     (["--method", "mapo", "--lr", "3e-5"], 3e-5),  # a user's --lr still wins
 ])
 def test_quickstart_learning_rate_per_method(argv, lr):
-    from diffalign.cli import build_parser
-    from diffalign.config import resolve_config
-    from diffalign.train import quickstart_base
-
-    full = ["train", *argv]
-    args = build_parser(full)[0].parse_args(full)
-    assert resolve_config(args, base=quickstart_base(args)).lr == pytest.approx(lr)
+    assert quickstart_config(argv).lr == pytest.approx(lr)
 
 
 @pytest.mark.parametrize("argv, model, dataset, output_dir", [
@@ -59,11 +64,5 @@ def test_quickstart_learning_rate_per_method(argv, lr):
     (["--method", "rankdpo"], "toy-sd", "toy-data/toy-sd/ranked.parquet", "outputs/quickstart-rankdpo"),
 ])
 def test_a_toy_model_alone_runs_the_quickstart_on_its_own_data(argv, model, dataset, output_dir):
-    from diffalign.cli import build_parser
-    from diffalign.config import resolve_config
-    from diffalign.train import quickstart_base
-
-    full = ["train", *argv]
-    args = build_parser(full)[0].parse_args(full)
-    cfg = resolve_config(args, base=quickstart_base(args))
+    cfg = quickstart_config(argv)
     assert (cfg.model, cfg.dataset, cfg.output_dir) == (model, dataset, output_dir)
