@@ -22,7 +22,9 @@ Python function, used by `diffalign train` at the end of the quickstart.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import math
 import random
 from pathlib import Path
@@ -173,7 +175,36 @@ def load_pipeline(model: Any, device: torch.device, dtype: torch.dtype):
 def load_lora(pipe, lora: str) -> None:
     if not Path(lora).exists():
         raise DiffalignError(f"LoRA {lora!r} not found: pass the folder that save_lora_weights wrote")
-    pipe.load_lora_weights(lora)
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    with only_denoiser_lora_notices(type(denoiser).__name__):
+        pipe.load_lora_weights(lora)
+
+
+# The diffusers modules whose loggers say "No LoRA keys associated to <class> ..." on a load.
+_LORA_LOADER_LOGGERS = ("diffusers.loaders.lora_base", "diffusers.loaders.peft")
+
+
+@contextlib.contextmanager
+def only_denoiser_lora_notices(denoiser_class: str):
+    """Drop diffusers' "No LoRA keys associated to <text encoder>" warnings during a LoRA load.
+
+    diffalign's LoRAs adapt the denoiser only, so load_lora_weights warns once per text encoder
+    (twice for SD3) on every evaluation. The same notice about the denoiser is kept: it means the
+    file holds nothing for the model being evaluated.
+    """
+
+    def keep(record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not message.startswith("No LoRA keys associated to") or denoiser_class in message
+
+    loggers = [logging.getLogger(name) for name in _LORA_LOADER_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(keep)
 
 
 # ------------------------------------------------------------------------------ generate + score

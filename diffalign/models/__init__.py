@@ -34,6 +34,7 @@ Nothing in this file assumes 4-D tensors except the adapters themselves.
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -181,7 +182,11 @@ def _load_pipeline(model: str, dtype: torch.dtype, kwargs: dict[str, Any]) -> Di
     else:
         raise DiffalignError(f"model {model!r} is neither an existing folder nor a hub id: check the path, or pass a hub id like 'owner/name'")
     try:
-        return DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, **kwargs)
+        with warnings.catch_warnings():
+            # Recent diffusers renamed torch_dtype to dtype and warn on the old name; the
+            # releases we support (>= 0.32) all accept torch_dtype, not all accept dtype.
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+            return DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, **kwargs)
     except (OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DiffalignError(

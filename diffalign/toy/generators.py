@@ -202,7 +202,7 @@ def train_toy_sd(out_dir: Path, vae_dir: Path, tokenizer_dir: Path, spec: Genera
     first_cycle = int(resume)
     if first_cycle:  # the saved toy-sd has the trimmed toy vocabulary: use its own tokenizer
         tokenizer = CLIPTokenizer.from_pretrained(out_dir / "tokenizer")
-        unet = UNet2DConditionModel.from_pretrained(out_dir / "unet", torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(out_dir / "unet").to(torch.float32)
         text_encoder = CLIPTextModel.from_pretrained(out_dir / "text_encoder", dtype=torch.float32)
     text_encoder.to(device).train()
     unet.to(device).train()

@@ -246,6 +246,19 @@ def test_bad_model_paths_are_clear_errors(tmp_path):
         load_adapter("nobody-xyz/no-such-model")
 
 
+def test_loading_a_pipeline_prints_no_dtype_deprecation():
+    """Every train/eval/label run loads a pipeline: diffusers' torch_dtype FutureWarning must not reach users."""
+    import warnings
+
+    from diffalign.models import load_pipeline
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = load_pipeline("toy-sd", torch.float32)
+    assert pipe.unet.dtype == torch.float32
+    assert [str(w.message) for w in caught if "torch_dtype" in str(w.message)] == []
+
+
 def test_predict_follows_the_denoiser_dtype():
     """Loaded in bf16, the adapter feeds bf16; after a full-fine-tuning cast to fp32 it feeds
     fp32 (a stale dtype would make the UNet's conv fail on mismatched input)."""

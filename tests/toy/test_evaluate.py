@@ -142,3 +142,53 @@ def test_lora_run_compares_against_the_same_model_without_it(tmp_path):
     assert [x["brightness"]["baseline"] for x in lora_rows] == pytest.approx([x["brightness"]["model"] for x in plain_rows])
     assert r["rewards"]["brightness"]["ties"] == 0
     assert "without LoRA" in r["baseline"]
+
+
+class _Captured(list):
+    """A logging handler that keeps the messages that reach diffusers' library logger."""
+
+    def __enter__(self):
+        import logging
+
+        self.handler = logging.Handler()
+        self.handler.emit = lambda record: self.append(record.getMessage())
+        logging.getLogger("diffusers").addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        import logging
+
+        logging.getLogger("diffusers").removeHandler(self.handler)
+
+
+def test_loading_a_denoiser_lora_gives_no_text_encoder_notice(tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from diffalign.evaluate import load_lora
+    from diffalign.testing import tiny_pipeline
+
+    pipe = tiny_pipeline("sd")
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    fresh = tiny_pipeline("sd")
+    with _Captured() as messages:
+        load_lora(fresh, str(tmp_path / "lora"))
+    assert fresh.unet.peft_config  # the LoRA did load into the denoiser
+    assert not [m for m in messages if m.startswith("No LoRA keys")]
+
+
+def test_the_notice_about_the_denoiser_itself_is_kept():
+    import logging
+
+    from diffalign.evaluate import only_denoiser_lora_notices
+
+    logger = logging.getLogger("diffusers.loaders.peft")
+    with _Captured() as messages, only_denoiser_lora_notices("UNet2DConditionModel"):
+        logger.warning("No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'.")
+        logger.warning("No LoRA keys associated to UNet2DConditionModel found with the prefix='unet'.")
+    assert messages == ["No LoRA keys associated to UNet2DConditionModel found with the prefix='unet'."]
+    with _Captured() as after:  # the filter is gone once the load is over
+        logger.warning("No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'.")
+    assert len(after) == 1
