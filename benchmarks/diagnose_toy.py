@@ -5,6 +5,7 @@
     python benchmarks/diagnose_toy.py sensitivity --lora OUT/quickstart-dpo --attention-only --noise 0.11
     python benchmarks/diagnose_toy.py branches --lora OUT/quickstart-mapo
     python benchmarks/diagnose_toy.py guidance --lora OUT/quickstart-dpo --scales 2,4,6
+    python benchmarks/diagnose_toy.py samplers                     # is the empty-scene share the sampler's?
 
 Every probe generates with the evaluation's seeds (`seed + prompt_index * images + j`) on the
 held-out prompts, 20 steps (`--steps`), and scores with toy-judge and toy-reward.
@@ -21,6 +22,9 @@ held-out prompts, 20 steps (`--steps`), and scores with toy-judge and toy-reward
 * branches: classifier-free guidance runs the denoiser twice (empty prompt, prompt). Compares
   the LoRA in both passes (what diffusers does) with the LoRA in the prompt pass only.
 * guidance: the model's win rate over the base at several guidance scales.
+* samplers: the base model's no-shape share and mean scores under several diffusers schedulers
+  (DDIM with leading or trailing spacing, DPM-Solver++, Euler ancestral, DDIM at 50 steps), each
+  built from the model's own scheduler config, at the same seeds and guidance.
 """
 
 from __future__ import annotations
@@ -183,9 +187,32 @@ def guidance(args) -> None:
                prompts, ids, rewards, device)
 
 
+# name -> (scheduler class, config overrides, steps); every one is built from the model's config
+SAMPLERS = {
+    "ddim-leading-20": ("DDIMScheduler", {}, 20),
+    "ddim-trailing-20": ("DDIMScheduler", {"timestep_spacing": "trailing"}, 20),
+    "dpmpp-20": ("DPMSolverMultistepScheduler", {}, 20),
+    "euler-ancestral-20": ("EulerAncestralDiscreteScheduler", {}, 20),
+    "ddim-leading-50": ("DDIMScheduler", {}, 50),
+}
+
+
+def samplers(args) -> None:
+    import diffusers
+
+    pipe, prompts, seeds, _, rewards, device = setup(args)
+    config = pipe.scheduler.config
+    for name, (cls, overrides, steps) in SAMPLERS.items():
+        pipe.scheduler = getattr(diffusers, cls).from_config(config, **overrides)
+        images = generate(pipe, prompts, seeds, 32, {"num_inference_steps": steps, "guidance_scale": args.guidance}, name)
+        means = [f"{reward_name} {torch.tensor(score(reward, images, prompts, 32, device)).mean():6.2f}"
+                 for reward_name, reward in rewards.items()]
+        print(f"{name:20} no shape {shows_no_shape(images).float().mean():.2f}  " + "  ".join(means), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=["headroom", "sensitivity", "branches", "guidance"])
+    parser.add_argument("probe", choices=["headroom", "sensitivity", "branches", "guidance", "samplers"])
     parser.add_argument("--model", default="toy-sd")
     parser.add_argument("--lora", help="a trained LoRA folder (needed by branches and guidance; optional for headroom and sensitivity)")
     parser.add_argument("--images", type=int, default=2, help="images per held-out prompt")
@@ -200,7 +227,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.probe in ("branches", "guidance") and not args.lora:
         parser.error(f"{args.probe} needs --lora: a folder that `diffalign train` wrote")
-    {"headroom": headroom, "sensitivity": sensitivity, "branches": branches, "guidance": guidance}[args.probe](args)
+    probes = {"headroom": headroom, "sensitivity": sensitivity, "branches": branches, "guidance": guidance,
+              "samplers": samplers}
+    probes[args.probe](args)
 
 
 if __name__ == "__main__":
