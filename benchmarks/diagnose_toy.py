@@ -6,6 +6,7 @@
     python benchmarks/diagnose_toy.py branches --lora OUT/quickstart-mapo
     python benchmarks/diagnose_toy.py guidance --lora OUT/quickstart-dpo --scales 2,4,6
     python benchmarks/diagnose_toy.py samplers                     # is the empty-scene share the sampler's?
+    python benchmarks/diagnose_toy.py drawn-pairs --output drawn.parquet   # pairs without empty scenes
 
 Every probe generates with the evaluation's seeds (`seed + prompt_index * images + j`) on the
 held-out prompts, 20 steps (`--steps`), and scores with toy-judge and toy-reward.
@@ -25,6 +26,10 @@ held-out prompts, 20 steps (`--steps`), and scores with toy-judge and toy-reward
 * samplers: the base model's no-shape share and mean scores under several diffusers schedulers
   (DDIM with leading or trailing spacing, DPM-Solver++, Euler ancestral, DDIM at 50 steps), each
   built from the model's own scheduler config, at the same seeds and guidance.
+* drawn-pairs: no sampling. Writes Pick-a-Pic pairs from the shipped K = 4 lists of `--model`
+  (assets/toy-data/MODEL/ranked.parquet) that leave out the images with no shape: the best
+  against the worst *drawn* image of each list, for the prompts with two or more. Train on it
+  with `diffalign train --config configs/quickstart.yaml --model toy-sd --dataset drawn.parquet`.
 """
 
 from __future__ import annotations
@@ -210,9 +215,33 @@ def samplers(args) -> None:
         print(f"{name:20} no shape {shows_no_shape(images).float().mean():.2f}  " + "  ".join(means), flush=True)
 
 
+def drawn_pairs(args) -> None:
+    import io
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from diffalign.paths import asset
+
+    lists = pd.read_parquet(asset("toy-data") / args.model / "ranked.parquet")
+    k = sum(c.startswith("jpg_") for c in lists.columns)
+    rows = []
+    for _, group in lists.iterrows():  # images are stored best first
+        images = [torch.from_numpy(np.array(Image.open(io.BytesIO(group[f"jpg_{j}"])).convert("RGB"))).permute(2, 0, 1)
+                  for j in range(k)]
+        drawn = [j for j, empty in enumerate(shows_no_shape(torch.stack(images)).tolist()) if not empty]
+        if len(drawn) >= 2:
+            rows.append({"caption": group["caption"], "jpg_0": group[f"jpg_{drawn[0]}"],
+                         "jpg_1": group[f"jpg_{drawn[-1]}"], "label_0": 1.0, "label_1": 0.0})
+    pd.DataFrame(rows).to_parquet(args.output)
+    print(f"{len(rows)} of {len(lists)} lists have two or more drawn images: pairs written to {args.output}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=["headroom", "sensitivity", "branches", "guidance", "samplers"])
+    parser.add_argument("probe", choices=["headroom", "sensitivity", "branches", "guidance", "samplers",
+                                           "drawn-pairs"])
     parser.add_argument("--model", default="toy-sd")
     parser.add_argument("--lora", help="a trained LoRA folder (needed by branches and guidance; optional for headroom and sensitivity)")
     parser.add_argument("--images", type=int, default=2, help="images per held-out prompt")
@@ -222,13 +251,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (20: the data's and the quickstart's)")
     parser.add_argument("--scales", default="2,3,4,6,8")
     parser.add_argument("--noise", type=float, default=0.01, help="sensitivity: noise in units of each weight's std")
+    parser.add_argument("--output", help="drawn-pairs: the parquet file to write")
     parser.add_argument("--attention-only", action="store_true",
                         help="sensitivity: perturb only the attention projections, the weights a LoRA adapts")
     args = parser.parse_args()
+    if args.probe == "drawn-pairs" and not args.output:
+        parser.error("drawn-pairs needs --output: the parquet file to write")
     if args.probe in ("branches", "guidance") and not args.lora:
         parser.error(f"{args.probe} needs --lora: a folder that `diffalign train` wrote")
     probes = {"headroom": headroom, "sensitivity": sensitivity, "branches": branches, "guidance": guidance,
-              "samplers": samplers}
+              "samplers": samplers, "drawn-pairs": drawn_pairs}
     probes[args.probe](args)
 
 
