@@ -224,7 +224,10 @@ def drawn_pairs(args) -> None:
 
     from diffalign.paths import asset
 
-    lists = pd.read_parquet(asset("toy-data") / args.model / "ranked.parquet")
+    path = asset("toy-data") / args.model / "ranked.parquet"
+    if not path.is_file():
+        raise SystemExit(f"drawn-pairs: no ranked lists at {path}: pass --model toy-sd or toy-flow")
+    lists = pd.read_parquet(path)
     k = sum(c.startswith("jpg_") for c in lists.columns)
     rows = []
     for _, group in lists.iterrows():  # images are stored best first

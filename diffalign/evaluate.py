@@ -175,7 +175,9 @@ def load_pipeline(model: Any, device: torch.device, dtype: torch.dtype):
 def load_lora(pipe, lora: str) -> None:
     if not Path(lora).exists():
         raise DiffalignError(f"LoRA {lora!r} not found: pass the folder that save_lora_weights wrote")
-    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    denoiser = getattr(pipe, "unet", None)
+    if denoiser is None:
+        denoiser = getattr(pipe, "transformer", None)
     with only_denoiser_lora_notices(type(denoiser).__name__):
         pipe.load_lora_weights(lora)
 
