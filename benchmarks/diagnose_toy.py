@@ -39,8 +39,8 @@ from typing import Callable
 
 import torch
 
-from diffalign.evaluate import (generate, image_seeds, load_lora, load_pipeline, load_rewards, read_prompts, score,
-                                summarise)
+from diffalign.evaluate import (generate, image_seeds, load_lora, load_pipeline, load_rewards, pipeline_denoiser,
+                                read_prompts, score, summarise)
 
 REWARDS = "toy-judge,toy-reward"
 
@@ -57,10 +57,6 @@ def setup(args):
 
 def call_kwargs(args, guidance: float | None = None) -> dict:
     return {"num_inference_steps": args.steps, "guidance_scale": args.guidance if guidance is None else guidance}
-
-
-def denoiser(pipe):
-    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
 
 
 def report(label: str, model_images, base_images, prompts, prompt_ids, rewards, device) -> None:
@@ -117,7 +113,7 @@ def lora_relative_norms(pipe, lora: str) -> list[float]:
     from safetensors.torch import load_file
 
     state = load_file(f"{lora}/pytorch_lora_weights.safetensors")
-    weights = dict(denoiser(pipe).named_parameters())
+    weights = dict(pipeline_denoiser(pipe).named_parameters())
     ratios = []
     for key, down in state.items():
         for down_suffix, up_suffix in LORA_KEY_PAIRS:
@@ -139,7 +135,7 @@ def sensitivity(args) -> None:
         pipe.unload_lora_weights()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name, weight in denoiser(pipe).named_parameters():
+        for name, weight in pipeline_denoiser(pipe).named_parameters():
             attention = weight.dim() == 2 and any(key in name for key in ATTENTION_PROJECTIONS)
             if weight.numel() > 1 and (attention or not args.attention_only):
                 weight.add_(torch.randn(weight.shape, generator=generator) * weight.std() * args.noise)
@@ -175,7 +171,7 @@ def branches(args) -> None:
     base = generate(pipe, prompts, seeds, 32, call_kwargs(args), "base")
     load_lora(pipe, args.lora)
     both = generate(pipe, prompts, seeds, 32, call_kwargs(args), "LoRA in both passes")
-    net = denoiser(pipe)
+    net = pipeline_denoiser(pipe)
     net.forward = lora_in_prompt_pass_only(net)
     prompt_only = generate(pipe, prompts, seeds, 32, call_kwargs(args), "LoRA in prompt pass")
     report("LoRA in both passes", both, base, prompts, ids, rewards, device)

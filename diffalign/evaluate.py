@@ -175,11 +175,18 @@ def load_pipeline(model: Any, device: torch.device, dtype: torch.dtype):
 def load_lora(pipe, lora: str) -> None:
     if not Path(lora).exists():
         raise DiffalignError(f"LoRA {lora!r} not found: pass the folder that save_lora_weights wrote")
-    denoiser = getattr(pipe, "unet", None)
-    if denoiser is None:
-        denoiser = getattr(pipe, "transformer", None)
-    with only_denoiser_lora_notices(type(denoiser).__name__):
+    with only_denoiser_lora_notices(type(pipeline_denoiser(pipe)).__name__):
         pipe.load_lora_weights(lora)
+
+
+def pipeline_denoiser(pipe):
+    """The network a diffalign LoRA adapts: the UNet of SD-style pipelines, else the DiT."""
+    for name in ("unet", "transformer"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            return module
+    raise DiffalignError(f"{type(pipe).__name__} has neither a unet nor a transformer: "
+                         "pass a diffusers text-to-image pipeline")
 
 
 # The diffusers modules whose loggers say "No LoRA keys associated to <class> ..." on a load.

@@ -192,3 +192,16 @@ def test_the_notice_about_the_denoiser_itself_is_kept():
     with _Captured() as after:  # the filter is gone once the load is over
         logger.warning("No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'.")
     assert len(after) == 1
+
+
+def test_the_denoiser_is_the_unet_else_the_transformer_else_a_clear_error():
+    from types import SimpleNamespace
+
+    from diffalign.evaluate import pipeline_denoiser
+
+    unet, transformer = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    assert pipeline_denoiser(SimpleNamespace(unet=unet, transformer=None)) is unet
+    assert pipeline_denoiser(SimpleNamespace(unet=None, transformer=transformer)) is transformer
+    assert pipeline_denoiser(SimpleNamespace(transformer=transformer)) is transformer
+    with pytest.raises(DiffalignError, match="neither a unet nor a transformer"):
+        pipeline_denoiser(SimpleNamespace(vae=unet))
