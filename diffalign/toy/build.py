@@ -46,7 +46,7 @@ def tokenizer_dir(work: Path) -> Path:
 def run_builder(name: str, out: Path, work: Path, device: torch.device, smoke: bool = False,
                 data_models: tuple[str, ...] = ("toy-sd", "toy-flow"), resume_sd: int = 0,
                 data_prompts: int | None = None, candidates: int | None = None,
-                sd_cycles: int | None = None) -> dict:
+                sd_cycles: int | None = None, sd_variant: str = "shipped") -> dict:
     from dataclasses import replace
 
     from diffalign.toy import clip_reward, generators, preference_data
@@ -55,6 +55,7 @@ def run_builder(name: str, out: Path, work: Path, device: torch.device, smoke: b
     spec = generators.GeneratorSpec()
     if sd_cycles:
         spec = replace(spec, sd_cycles=sd_cycles)
+    spec = replace(spec, sd_variant=sd_variant)
     reward_spec, judge_spec = clip_reward.REWARD_SPEC, clip_reward.JUDGE_SPEC
     prompts_per_model = {m: data_prompts or DATA_PROMPTS for m in ("toy-sd", "toy-flow")}
     if smoke:  # a few steps of everything: checks the plumbing, not the models
@@ -75,13 +76,19 @@ def run_builder(name: str, out: Path, work: Path, device: torch.device, smoke: b
         else:
             metrics = generators.train_toy_flow(out / name, work / "vae", tok, spec, device)
         return {**metrics, "vocab_size": trim_asset(out / name)}
-    # toy-data
-    for needed in ("toy-reward", "toy-judge", *data_models):
+    # toy-data. The rewards do not depend on the generators: a generator built into another --out
+    # is labelled and judged by the shipped toy-reward and toy-judge unless --out has its own.
+    from diffalign.paths import asset
+
+    rewards = {name: out / name if (out / name).exists() else asset(name) for name in ("toy-reward", "toy-judge")}
+    for name, folder in rewards.items():
+        require(folder, name)
+    for needed in data_models:
         require(out / needed, needed)
     data = out / "toy-data"
     preference_data.write_prompt_lists(data)
     return {
-        model: preference_data.build_preference_data(out / model, out / "toy-reward", out / "toy-judge", data / model,
+        model: preference_data.build_preference_data(out / model, rewards["toy-reward"], rewards["toy-judge"], data / model,
                                                      device, prompts_per_model[model], heldout_prompts,
                                                      candidates or CANDIDATES)
         for model in data_models
@@ -103,7 +110,8 @@ def require(path: Path, builder: str) -> None:
 
 def build(only: list[str], out: Path, work: Path, device_name: str, smoke: bool = False,
           data_models: tuple[str, ...] = ("toy-sd", "toy-flow"), resume_sd: int = 0,
-          data_prompts: int | None = None, candidates: int | None = None, sd_cycles: int | None = None) -> dict:
+          data_prompts: int | None = None, candidates: int | None = None, sd_cycles: int | None = None,
+          sd_variant: str = "shipped") -> dict:
     from diffalign.toy.common import pick_device
 
     unknown = [n for n in only if n not in BUILDERS]
@@ -119,7 +127,7 @@ def build(only: list[str], out: Path, work: Path, device_name: str, smoke: bool 
         start = time.time()
         print(f"== building {name} on {device}", flush=True)
         results[name] = run_builder(name, out, work, device, smoke, data_models, resume_sd, data_prompts, candidates,
-                                    sd_cycles)
+                                    sd_cycles, sd_variant)
         results[name + "_seconds"] = round(time.time() - start, 1)
         stem = name if name != "toy-data" else f"toy-data-{'+'.join(data_models)}"
         (work / "metrics" / f"{stem}.json").write_text(json.dumps(
@@ -175,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--resume-sd", type=int, nargs="?", const=1, default=0, metavar="N",
                    help="toy-sd: continue from the toy-sd in --out, saved after N training cycles (default 1)")
     b.add_argument("--sd-cycles", type=int, default=None, help="toy-sd: training cycles in all (default: the recipe's)")
+    b.add_argument("--sd-variant", default="shipped", choices=("shipped", "attn16"),
+                   help="toy-sd: attention at 8x8 only (shipped) or at 16x16 too (attn16; an experiment)")
     b.add_argument("--smoke", action="store_true", help="two steps of everything: a plumbing check, useless models")
     t = sub.add_parser("trim-vocab", help="shrink shipped toy models to the toy vocabulary (idempotent)")
     t.add_argument("--assets", type=Path, default=None, help="assets folder (default: the package's assets/)")
@@ -188,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             only = [n.strip() for n in args.only.split(",") if n.strip()]
             data_models = tuple(m.strip() for m in args.data_models.split(",") if m.strip())
             results = build(only, args.out or assets_dir(), args.work, args.device, args.smoke, data_models,
-                            args.resume_sd, args.data_prompts, args.candidates, args.sd_cycles)
+                            args.resume_sd, args.data_prompts, args.candidates, args.sd_cycles, args.sd_variant)
             print(json.dumps(results, indent=2))
         elif args.command == "trim-vocab":
             for name in ("toy-sd", "toy-flow", "toy-reward", "toy-judge"):

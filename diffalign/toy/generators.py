@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from diffalign.errors import DiffalignError
 from diffalign.toy import common
 from diffalign.toy.render import IMAGE_SIZE, split_prompts
 
@@ -41,6 +42,7 @@ class GeneratorSpec:
     batch_size: int = 32
     lr: float = 1e-3
     renders_per_scene: int = 8
+    sd_variant: str = "shipped"  # a key of SD_VARIANTS
 
 
 def clipped_step(loss: torch.Tensor, params: list, optimiser, schedule) -> None:
@@ -162,21 +164,46 @@ def generator_batches(spec: GeneratorSpec, vae, device: torch.device, shift: flo
 # ---------------------------------------------------------------------------------- toy-sd
 
 
-def build_sd_parts(tokenizer_dir: Path, seed: int):
+@dataclass(frozen=True)
+class SdVariant:
+    """How toy-sd's UNet sees the prompt."""
+
+    attention_at_16: bool  # cross-attention at the 16x16 level too, not only at 8x8
+    text_length: int  # tokens the prompt is padded to (the tokenizer's model_max_length)
+    unet_seed: int  # offset from GeneratorSpec.seed for the UNet's initial weights
+
+
+SD_VARIANTS = {
+    # What ships: attention only at 8x8, where it is cheap on a CPU.
+    "shipped": SdVariant(attention_at_16=False, text_length=77, unet_seed=0),
+    # Text attention at 16x16 as well. Toy prompts are at most 14 tokens, so padding to 16
+    # instead of 77 pays for most of the extra attention: a training step costs 1.7x the
+    # shipped one instead of 2.2x (forward + backward, batch 32, 2 threads). Experiment of
+    # session 7 (docs/benchmarks.md, "A toy-sd that reads the prompt at 16x16").
+    "attn16": SdVariant(attention_at_16=True, text_length=16, unet_seed=7),
+}
+
+
+def build_sd_parts(tokenizer_dir: Path, seed: int, variant: str = "shipped"):
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    if variant not in SD_VARIANTS:
+        raise DiffalignError(f"unknown toy-sd variant {variant!r}: choose from {', '.join(SD_VARIANTS)}")
+    shape = SD_VARIANTS[variant]
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=shape.text_length)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
     ))
+    if shape.unet_seed:
+        torch.manual_seed(seed + shape.unet_seed)
+    top = "CrossAttn" if shape.attention_at_16 else ""
     unet = UNet2DConditionModel(
         sample_size=LATENT_SIZE, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
-        # attention only at the 8x8 level: at 16x16 it would cost most of a CPU training step
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=(f"{top}DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", f"{top}UpBlock2D"),
         block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
         attention_head_dim=8, norm_num_groups=16,
     )
@@ -198,7 +225,7 @@ def train_toy_sd(out_dir: Path, vae_dir: Path, tokenizer_dir: Path, spec: Genera
 
     start = time.time()
     vae = load_vae(vae_dir, device, keep_shift=False)
-    tokenizer, text_encoder, unet, scheduler = build_sd_parts(tokenizer_dir, spec.seed)
+    tokenizer, text_encoder, unet, scheduler = build_sd_parts(tokenizer_dir, spec.seed, spec.sd_variant)
     first_cycle = int(resume)
     if first_cycle:  # the saved toy-sd has the trimmed toy vocabulary: use its own tokenizer
         tokenizer = CLIPTokenizer.from_pretrained(out_dir / "tokenizer")
@@ -234,7 +261,7 @@ def train_toy_sd(out_dir: Path, vae_dir: Path, tokenizer_dir: Path, spec: Genera
         vae=vae.cpu(), text_encoder=text_encoder.eval().cpu(), tokenizer=tokenizer, unet=unet.eval().cpu(),
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    save_pipeline_fp16(pipe, out_dir, tokenizer_dir)
+    save_pipeline_fp16(pipe, out_dir, tokenizer_dir, text_length=tokenizer.model_max_length)
     metrics = {"train_seconds": round(time.time() - start, 1), "final_loss": round(loss.item(), 4),
                "unet_params": sum(p.numel() for p in unet.parameters())}
     log(f"[toy-sd] saved to {out_dir}: {metrics}")
@@ -311,9 +338,10 @@ def train_toy_flow(out_dir: Path, vae_dir: Path, tokenizer_dir: Path, spec: Gene
     return metrics
 
 
-def save_pipeline_fp16(pipe, out_dir: Path, tokenizer_dir: Path) -> None:
+def save_pipeline_fp16(pipe, out_dir: Path, tokenizer_dir: Path, text_length: int | None = None) -> None:
     """save_pretrained with fp16 weights; transformers text encoders keep a float32 config so
-    every component loads as fp32 on a CPU by default."""
+    every component loads as fp32 on a CPU by default. `text_length`: the saved tokenizers'
+    model_max_length, when it is not tokenizer_dir's."""
     import shutil
 
     pipe.to(torch.float16).save_pretrained(out_dir, safe_serialization=True)
@@ -327,6 +355,10 @@ def save_pipeline_fp16(pipe, out_dir: Path, tokenizer_dir: Path) -> None:
         if folder.is_dir():
             shutil.rmtree(folder)
             shutil.copytree(tokenizer_dir, folder)
+            if text_length is not None:
+                config_path = folder / "tokenizer_config.json"
+                config = json.loads(config_path.read_text())
+                config_path.write_text(json.dumps({**config, "model_max_length": text_length}, indent=2) + "\n")
     # diffusers skips None components when saving, but SD3 needs them listed to load
     index_path = out_dir / "model_index.json"
     index = json.loads(index_path.read_text())

@@ -110,3 +110,26 @@ def test_diffalign_eval_cli_on_toy_sd(tmp_path):
     result = json.loads((out / "eval.json").read_text())
     assert result["rewards"]["toy-reward"]["win_rate"] == 0.5  # the same model ties with itself
     assert (out / "grid.png").is_file()
+
+
+def test_the_toy_sd_recipe_builds_the_shipped_architecture_and_the_attn16_variant(tmp_path):
+    from diffalign.errors import DiffalignError
+    from diffalign.rewards.clip_tokenizer import write_clip_tokenizer
+    from diffalign.toy.generators import build_sd_parts
+
+    write_clip_tokenizer(tmp_path)
+    shipped = json.loads((asset("toy-sd") / "unet" / "config.json").read_text())
+    tokenizer, _, unet, _ = build_sd_parts(tmp_path, seed=0)
+    for key in ("down_block_types", "up_block_types", "block_out_channels"):
+        assert list(unet.config[key]) == shipped[key], key
+    assert unet.config.cross_attention_dim == shipped["cross_attention_dim"]
+    assert tokenizer.model_max_length == 77
+    tokenizer, _, unet, _ = build_sd_parts(tmp_path, seed=0, variant="attn16")
+    assert list(unet.config.down_block_types) == ["CrossAttnDownBlock2D"] * 2
+    assert list(unet.config.up_block_types) == ["CrossAttnUpBlock2D"] * 2
+    assert tokenizer.model_max_length == 16
+    ids = tokenizer(["three large red squares on the left on a white background"], padding="max_length",
+                    max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    assert ids.shape == (1, 16) and ids[0, -1] == tokenizer.pad_token_id  # the longest toy prompts fit
+    with pytest.raises(DiffalignError, match="unknown toy-sd variant"):
+        build_sd_parts(tmp_path, seed=0, variant="attn32")
