@@ -68,7 +68,7 @@ def quickstart_base(args) -> TrainConfig | None:
     if method == "rankdpo":  # the toy ranked lists carry raw toy-reward scores, not win fractions
         base.objective = {"label_gain": "rank"}
     if method == "mapo":  # no reference model holds MaPO's update, and 1e-4 re-draws as much as 1e-3 but gains less
-        base.lr = 1e-3  # toy-judge win on the attn8 toy-sd 0.542 vs 0.506, 3 seeds (docs/benchmarks.md)
+        base.lr = 1e-3  # held-out toy-judge win on toy-sd 0.542 vs 0.506 over 3 seeds (docs/benchmarks.md)
     print(f"diffalign: no --dataset given: running the toy quickstart on {base.model} (configs/{name})")
     return base
 

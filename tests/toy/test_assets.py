@@ -112,7 +112,7 @@ def test_diffalign_eval_cli_on_toy_sd(tmp_path):
     assert (out / "grid.png").is_file()
 
 
-def test_the_toy_sd_recipe_builds_the_shipped_architecture_and_the_attn8_variant(tmp_path):
+def test_the_toy_sd_recipe_builds_the_shipped_architecture_and_the_attn16_variant(tmp_path):
     from diffalign.errors import DiffalignError
     from diffalign.rewards.clip_tokenizer import write_clip_tokenizer
     from diffalign.toy.generators import build_sd_parts
@@ -123,14 +123,13 @@ def test_the_toy_sd_recipe_builds_the_shipped_architecture_and_the_attn8_variant
     for key in ("down_block_types", "up_block_types", "block_out_channels"):
         assert list(unet.config[key]) == shipped[key], key
     assert unet.config.cross_attention_dim == shipped["cross_attention_dim"]
-    assert list(unet.config.down_block_types) == ["CrossAttnDownBlock2D"] * 2  # text attention at 16x16
-    shipped_tokenizer = json.loads((asset("toy-sd") / "tokenizer" / "tokenizer_config.json").read_text())
-    assert tokenizer.model_max_length == shipped_tokenizer["model_max_length"] == 16
+    assert tokenizer.model_max_length == 77
+    tokenizer, _, unet, _ = build_sd_parts(tmp_path, seed=0, variant="attn16")
+    assert list(unet.config.down_block_types) == ["CrossAttnDownBlock2D"] * 2
+    assert list(unet.config.up_block_types) == ["CrossAttnUpBlock2D"] * 2
+    assert tokenizer.model_max_length == 16
     ids = tokenizer(["three large red squares on the left on a white background"], padding="max_length",
                     max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
     assert ids.shape == (1, 16) and ids[0, -1] == tokenizer.pad_token_id  # the longest toy prompts fit
-    tokenizer, _, unet, _ = build_sd_parts(tmp_path, seed=0, variant="attn8")
-    assert list(unet.config.down_block_types) == ["DownBlock2D", "CrossAttnDownBlock2D"]
-    assert tokenizer.model_max_length == 77
     with pytest.raises(DiffalignError, match="unknown toy-sd variant"):
         build_sd_parts(tmp_path, seed=0, variant="attn32")
