@@ -46,7 +46,7 @@ def tokenizer_dir(work: Path) -> Path:
 def run_builder(name: str, out: Path, work: Path, device: torch.device, smoke: bool = False,
                 data_models: tuple[str, ...] = ("toy-sd", "toy-flow"), resume_sd: int = 0,
                 data_prompts: int | None = None, candidates: int | None = None,
-                sd_cycles: int | None = None, sd_variant: str = "shipped") -> dict:
+                sd_cycles: int | None = None, sd_variant: str = "attn8") -> dict:
     from dataclasses import replace
 
     from diffalign.toy import clip_reward, generators, preference_data
@@ -111,7 +111,7 @@ def require(path: Path, builder: str) -> None:
 def build(only: list[str], out: Path, work: Path, device_name: str, smoke: bool = False,
           data_models: tuple[str, ...] = ("toy-sd", "toy-flow"), resume_sd: int = 0,
           data_prompts: int | None = None, candidates: int | None = None, sd_cycles: int | None = None,
-          sd_variant: str = "shipped") -> dict:
+          sd_variant: str = "attn8") -> dict:
     from diffalign.toy.common import pick_device
 
     unknown = [n for n in only if n not in BUILDERS]
@@ -183,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--resume-sd", type=int, nargs="?", const=1, default=0, metavar="N",
                    help="toy-sd: continue from the toy-sd in --out, saved after N training cycles (default 1)")
     b.add_argument("--sd-cycles", type=int, default=None, help="toy-sd: training cycles in all (default: the recipe's)")
-    b.add_argument("--sd-variant", default="shipped", choices=("shipped", "attn16"),
-                   help="toy-sd: attention at 8x8 only (shipped) or at 16x16 too (attn16; an experiment)")
+    b.add_argument("--sd-variant", default="attn8", choices=("attn8", "attn16"),
+                   help="toy-sd: text attention at 8x8 only (attn8, shipped) or at 16x16 too (attn16, an experiment)")
     b.add_argument("--smoke", action="store_true", help="two steps of everything: a plumbing check, useless models")
     t = sub.add_parser("trim-vocab", help="shrink shipped toy models to the toy vocabulary (idempotent)")
     t.add_argument("--assets", type=Path, default=None, help="assets folder (default: the package's assets/)")
