@@ -52,10 +52,9 @@ def run_builder(name: str, out: Path, work: Path, device: torch.device, smoke: b
     from diffalign.toy import clip_reward, generators, preference_data
 
     tok = tokenizer_dir(work)
-    spec = generators.GeneratorSpec()
+    spec = generators.GeneratorSpec(sd_variant=sd_variant)
     if sd_cycles:
         spec = replace(spec, sd_cycles=sd_cycles)
-    spec = replace(spec, sd_variant=sd_variant)
     reward_spec, judge_spec = clip_reward.REWARD_SPEC, clip_reward.JUDGE_SPEC
     prompts_per_model = {m: data_prompts or DATA_PROMPTS for m in ("toy-sd", "toy-flow")}
     if smoke:  # a few steps of everything: checks the plumbing, not the models
@@ -169,6 +168,7 @@ def to_pil(image01: torch.Tensor):
 
 def main(argv: list[str] | None = None) -> int:
     from diffalign.paths import assets_dir
+    from diffalign.toy.generators import SD_VARIANTS
 
     parser = argparse.ArgumentParser(prog="python -m diffalign.toy", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--resume-sd", type=int, nargs="?", const=1, default=0, metavar="N",
                    help="toy-sd: continue from the toy-sd in --out, saved after N training cycles (default 1)")
     b.add_argument("--sd-cycles", type=int, default=None, help="toy-sd: training cycles in all (default: the recipe's)")
-    b.add_argument("--sd-variant", default="attn8", choices=("attn8", "attn16"),
+    b.add_argument("--sd-variant", default="attn8", choices=tuple(SD_VARIANTS),
                    help="toy-sd: text attention at 8x8 only (attn8, shipped) or at 16x16 too (attn16, an experiment)")
     b.add_argument("--smoke", action="store_true", help="two steps of everything: a plumbing check, useless models")
     t = sub.add_parser("trim-vocab", help="shrink shipped toy models to the toy vocabulary (idempotent)")

@@ -170,7 +170,9 @@ class SdVariant:
 
     attention_at_16: bool  # cross-attention at the 16x16 level too, not only at 8x8
     text_length: int  # tokens the prompt is padded to (the tokenizer's model_max_length)
-    unet_seed: int  # offset from GeneratorSpec.seed for the UNet's initial weights
+    # Offset from GeneratorSpec.seed to re-seed before the UNet is built; 0 keeps the RNG stream
+    # as it was (attn8's UNet draws right after the text encoder, as it always has).
+    unet_seed: int
 
 
 SD_VARIANTS = {
