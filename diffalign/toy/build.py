@@ -46,13 +46,13 @@ def tokenizer_dir(work: Path) -> Path:
 def run_builder(name: str, out: Path, work: Path, device: torch.device, smoke: bool = False,
                 data_models: tuple[str, ...] = ("toy-sd", "toy-flow"), resume_sd: int = 0,
                 data_prompts: int | None = None, candidates: int | None = None,
-                sd_cycles: int | None = None, sd_variant: str = "attn8") -> dict:
+                sd_cycles: int | None = None, sd_variant: str | None = None) -> dict:
     from dataclasses import replace
 
     from diffalign.toy import clip_reward, generators, preference_data
 
     tok = tokenizer_dir(work)
-    spec = generators.GeneratorSpec(sd_variant=sd_variant)
+    spec = generators.GeneratorSpec(sd_variant=sd_variant or generators.SHIPPED_SD_VARIANT)
     if sd_cycles:
         spec = replace(spec, sd_cycles=sd_cycles)
     reward_spec, judge_spec = clip_reward.REWARD_SPEC, clip_reward.JUDGE_SPEC
@@ -110,7 +110,7 @@ def require(path: Path, builder: str) -> None:
 def build(only: list[str], out: Path, work: Path, device_name: str, smoke: bool = False,
           data_models: tuple[str, ...] = ("toy-sd", "toy-flow"), resume_sd: int = 0,
           data_prompts: int | None = None, candidates: int | None = None, sd_cycles: int | None = None,
-          sd_variant: str = "attn8") -> dict:
+          sd_variant: str | None = None) -> dict:
     from diffalign.toy.common import pick_device
 
     unknown = [n for n in only if n not in BUILDERS]
@@ -168,7 +168,7 @@ def to_pil(image01: torch.Tensor):
 
 def main(argv: list[str] | None = None) -> int:
     from diffalign.paths import assets_dir
-    from diffalign.toy.generators import SD_VARIANTS
+    from diffalign.toy.generators import SD_VARIANTS, SHIPPED_SD_VARIANT
 
     parser = argparse.ArgumentParser(prog="python -m diffalign.toy", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -183,8 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--resume-sd", type=int, nargs="?", const=1, default=0, metavar="N",
                    help="toy-sd: continue from the toy-sd in --out, saved after N training cycles (default 1)")
     b.add_argument("--sd-cycles", type=int, default=None, help="toy-sd: training cycles in all (default: the recipe's)")
-    b.add_argument("--sd-variant", default="attn8", choices=tuple(SD_VARIANTS),
-                   help="toy-sd: text attention at 8x8 only (attn8, shipped) or at 16x16 too (attn16, an experiment)")
+    b.add_argument("--sd-variant", default=SHIPPED_SD_VARIANT, choices=tuple(SD_VARIANTS),
+                   help=f"toy-sd: text attention at 8x8 only (attn8, shipped before) or at 16x16 too with 8 heads "
+                        f"(attn16) or one (attn16-1head); default {SHIPPED_SD_VARIANT}, what ships")
     b.add_argument("--smoke", action="store_true", help="two steps of everything: a plumbing check, useless models")
     t = sub.add_parser("trim-vocab", help="shrink shipped toy models to the toy vocabulary (idempotent)")
     t.add_argument("--assets", type=Path, default=None, help="assets folder (default: the package's assets/)")

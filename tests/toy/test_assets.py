@@ -112,24 +112,38 @@ def test_diffalign_eval_cli_on_toy_sd(tmp_path):
     assert (out / "grid.png").is_file()
 
 
-def test_the_toy_sd_recipe_builds_the_shipped_architecture_and_the_attn16_variant(tmp_path):
+def test_the_toy_sd_recipe_builds_the_shipped_architecture_and_its_variants(tmp_path):
     from diffalign.errors import DiffalignError
     from diffalign.rewards.clip_tokenizer import write_clip_tokenizer
     from diffalign.toy.generators import build_sd_parts
 
     write_clip_tokenizer(tmp_path)
     shipped = json.loads((asset("toy-sd") / "unet" / "config.json").read_text())
+    shipped_tokenizer = json.loads((asset("toy-sd") / "tokenizer" / "tokenizer_config.json").read_text())
     tokenizer, _, unet, _ = build_sd_parts(tmp_path, seed=0)
-    for key in ("down_block_types", "up_block_types", "block_out_channels"):
+    for key in ("down_block_types", "up_block_types", "block_out_channels", "attention_head_dim"):
         assert list(unet.config[key]) == shipped[key], key
     assert unet.config.cross_attention_dim == shipped["cross_attention_dim"]
-    assert tokenizer.model_max_length == 77
-    tokenizer, _, unet, _ = build_sd_parts(tmp_path, seed=0, variant="attn16")
-    assert list(unet.config.down_block_types) == ["CrossAttnDownBlock2D"] * 2
-    assert list(unet.config.up_block_types) == ["CrossAttnUpBlock2D"] * 2
-    assert tokenizer.model_max_length == 16
+    assert tokenizer.model_max_length == shipped_tokenizer["model_max_length"] == 16
     ids = tokenizer(["three large red squares on the left on a white background"], padding="max_length",
                     max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
     assert ids.shape == (1, 16) and ids[0, -1] == tokenizer.pad_token_id  # the longest toy prompts fit
+
+    # the shipped recipe is attn16 with one head at 16x16: the same layout and initial weights
+    attn16_tokenizer, _, attn16, _ = build_sd_parts(tmp_path, seed=0, variant="attn16")
+    assert list(attn16.config.down_block_types) == ["CrossAttnDownBlock2D"] * 2
+    assert list(attn16.config.up_block_types) == ["CrossAttnUpBlock2D"] * 2
+    assert attn16_tokenizer.model_max_length == 16
+    assert unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.heads == 1
+    assert unet.up_blocks[1].attentions[0].transformer_blocks[0].attn2.heads == 1
+    assert unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.heads == 8
+    assert attn16.down_blocks[0].attentions[0].transformer_blocks[0].attn1.heads == 8
+    attn16_weights = attn16.state_dict()
+    for name, value in unet.state_dict().items():
+        assert torch.equal(value, attn16_weights[name]), name
+
+    attn8_tokenizer, _, attn8, _ = build_sd_parts(tmp_path, seed=0, variant="attn8")
+    assert list(attn8.config.down_block_types) == ["DownBlock2D", "CrossAttnDownBlock2D"]
+    assert attn8_tokenizer.model_max_length == 77
     with pytest.raises(DiffalignError, match="unknown toy-sd variant"):
         build_sd_parts(tmp_path, seed=0, variant="attn32")
