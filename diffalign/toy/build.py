@@ -52,7 +52,7 @@ def run_builder(name: str, out: Path, work: Path, device: torch.device, smoke: b
     from diffalign.toy import clip_reward, generators, preference_data
 
     tok = tokenizer_dir(work)
-    spec = generators.GeneratorSpec(sd_variant=sd_variant or generators.SHIPPED_SD_VARIANT)
+    spec = generators.GeneratorSpec() if sd_variant is None else generators.GeneratorSpec(sd_variant=sd_variant)
     if sd_cycles:
         spec = replace(spec, sd_cycles=sd_cycles)
     reward_spec, judge_spec = clip_reward.REWARD_SPEC, clip_reward.JUDGE_SPEC
