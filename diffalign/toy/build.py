@@ -52,9 +52,11 @@ def run_builder(name: str, out: Path, work: Path, device: torch.device, smoke: b
     from diffalign.toy import clip_reward, generators, preference_data
 
     tok = tokenizer_dir(work)
-    spec = generators.GeneratorSpec() if sd_variant is None else generators.GeneratorSpec(sd_variant=sd_variant)
+    spec = generators.GeneratorSpec()
     if sd_cycles:
         spec = replace(spec, sd_cycles=sd_cycles)
+    if sd_variant:
+        spec = replace(spec, sd_variant=sd_variant)
     reward_spec, judge_spec = clip_reward.REWARD_SPEC, clip_reward.JUDGE_SPEC
     prompts_per_model = {m: data_prompts or DATA_PROMPTS for m in ("toy-sd", "toy-flow")}
     if smoke:  # a few steps of everything: checks the plumbing, not the models
