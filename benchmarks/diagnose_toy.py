@@ -7,6 +7,8 @@
     python benchmarks/diagnose_toy.py guidance --lora OUT/quickstart-dpo --scales 2,4,6
     python benchmarks/diagnose_toy.py samplers                     # is the empty-scene share the sampler's?
     python benchmarks/diagnose_toy.py drawn-pairs --output drawn.parquet   # pairs without empty scenes
+    python benchmarks/diagnose_toy.py dcpo-captions --captions paraphrase --output p.parquet
+    python benchmarks/diagnose_toy.py paraphrase                   # does the model read a reworded prompt?
 
 Every probe generates with the evaluation's seeds (`seed + prompt_index * images + j`) on the
 held-out prompts, 20 steps (`--steps`), and scores with toy-judge and toy-reward.
@@ -30,6 +32,16 @@ held-out prompts, 20 steps (`--steps`), and scores with toy-judge and toy-reward
   (assets/toy-data/MODEL/ranked.parquet) that leave out the images with no shape: the best
   against the worst *drawn* image of each list, for the prompts with two or more. Train on it
   with `diffalign train --config configs/quickstart.yaml --model toy-sd --dataset drawn.parquet`.
+* dcpo-captions: no sampling. The shipped pairs of `--model` with other DCPO captions, to measure
+  how far from the prompt the loser's caption can go (docs/benchmarks.md, "DCPO in the toy
+  world"). `--captions same`: both captions are the prompt (DCPO is then Diffusion-DPO at DCPO's
+  beta); `paraphrase`: the loser gets the prompt reworded, same meaning (`toy.render.paraphrase`,
+  one rewrite); `described`: both images get a caption, the prompt with each attribute changed
+  to the value toy-reward scores highest for the image (two sweeps; never a held-out prompt).
+  Train on it with `diffalign train --method dcpo --config configs/quickstart.yaml --dataset F`.
+* paraphrase: the model's samples from each held-out prompt reworded (`toy.render.paraphrase`)
+  against its samples from the prompt itself, same seeds, both scored on the prompt. A win near
+  0.5 means the model reads the rewording as the same prompt.
 """
 
 from __future__ import annotations
@@ -188,6 +200,19 @@ def guidance(args) -> None:
                prompts, ids, rewards, device)
 
 
+def paraphrase(args) -> None:
+    import random
+
+    from diffalign.toy.render import paraphrase as reword
+    from diffalign.toy.render import parse_prompt
+
+    pipe, prompts, seeds, ids, rewards, device = setup(args)
+    reworded = [reword(parse_prompt(p), random.Random(f"{args.seed}:{p}")) for p in prompts]
+    base = generate(pipe, prompts, seeds, 32, call_kwargs(args), "prompts")
+    report("reworded prompts", generate(pipe, reworded, seeds, 32, call_kwargs(args), "reworded"), base,
+           prompts, ids, rewards, device)
+
+
 # name -> (scheduler class, config overrides, steps); every one is built from the model's config
 SAMPLERS = {
     "ddim-leading-20": ("DDIMScheduler", {}, 20),
@@ -237,10 +262,75 @@ def drawn_pairs(args) -> None:
     print(f"{len(rows)} of {len(lists)} lists have two or more drawn images: pairs written to {args.output}")
 
 
+def describe(images01: torch.Tensor, prompts: list[str], reward_dir, sweeps: int = 2) -> list[str]:
+    """A prompt-anchored toy captioner: start from each image's prompt and set one attribute at a
+    time to the value toy-reward scores highest, over `sweeps` passes. Held-out scenes are never
+    chosen, so no held-out prompt reaches the training text."""
+    from dataclasses import replace
+
+    from diffalign.toy import clip_reward, common
+    from diffalign.toy.preference_data import load_clip
+    from diffalign.toy.render import ATTRIBUTES, VALUES, all_scenes, parse_prompt, split_prompts
+
+    model, tokenizer = load_clip(reward_dir, torch.device("cpu"))
+    scenes = all_scenes()
+    column = {scene: i for i, scene in enumerate(scenes)}
+    heldout = set(split_prompts()[1])
+    with torch.no_grad():
+        texts = clip_reward.embed_texts(model, common.tokenize(tokenizer, [s.prompt for s in scenes],
+                                                               clip_reward.TEXT_LENGTH))
+        fit = torch.cat([clip_reward.embed_images(model, images01[i : i + 256])
+                         for i in range(0, len(images01), 256)]) @ texts.T  # (images, every scene)
+    captions = []
+    for row, prompt in enumerate(prompts):
+        scene = parse_prompt(prompt)
+        for _ in range(sweeps):
+            for attribute in ATTRIBUTES:
+                options = [replace(scene, **{attribute: v}) for v in VALUES[attribute]]
+                options = [o for o in options if o == scene or o not in heldout]
+                scene = max(options, key=lambda o: fit[row, column[o]].item())
+        captions.append(scene.prompt)
+    return captions
+
+
+def dcpo_captions(args) -> None:
+    import io
+    import random
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from diffalign.paths import asset
+    from diffalign.toy.render import paraphrase, parse_prompt
+
+    path = asset("toy-data") / args.model / "pairs.parquet"
+    if not path.is_file():
+        raise SystemExit(f"dcpo-captions: no pairs at {path}: pass --model toy-sd or toy-flow")
+    pairs = pd.read_parquet(path)
+    prompts = pairs["caption"].tolist()
+    if args.captions == "same":
+        pairs["caption_0"], pairs["caption_1"] = prompts, prompts
+    elif args.captions == "paraphrase":
+        pairs["caption_0"] = prompts
+        pairs["caption_1"] = [paraphrase(parse_prompt(p), random.Random(f"{args.seed}:{p}")) for p in prompts]
+    else:
+        def images(column):
+            return torch.stack([torch.from_numpy(np.array(Image.open(io.BytesIO(b)).convert("RGB"))).permute(2, 0, 1)
+                                for b in pairs[column]]).float() / 255
+
+        pairs["caption_0"] = describe(images("jpg_0"), prompts, asset("toy-reward"))
+        pairs["caption_1"] = describe(images("jpg_1"), prompts, asset("toy-reward"))
+    pairs.to_parquet(args.output)
+    changed = [(pairs[c] != pairs["caption"]).mean() for c in ("caption_0", "caption_1")]
+    print(f"{len(pairs)} pairs with {args.captions} captions written to {args.output} "
+          f"(differ from the prompt: winner {changed[0]:.0%}, loser {changed[1]:.0%})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("probe", choices=["headroom", "sensitivity", "branches", "guidance", "samplers",
-                                           "drawn-pairs"])
+                                           "drawn-pairs", "dcpo-captions", "paraphrase"])
     parser.add_argument("--model", default="toy-sd")
     parser.add_argument("--lora", help="a trained LoRA folder (needed by branches and guidance; optional for headroom and sensitivity)")
     parser.add_argument("--images", type=int, default=2, help="images per held-out prompt")
@@ -250,16 +340,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (20: the data's and the quickstart's)")
     parser.add_argument("--scales", default="2,3,4,6,8")
     parser.add_argument("--noise", type=float, default=0.01, help="sensitivity: noise in units of each weight's std")
-    parser.add_argument("--output", help="drawn-pairs: the parquet file to write")
+    parser.add_argument("--output", help="drawn-pairs, dcpo-captions: the parquet file to write")
+    parser.add_argument("--captions", choices=["same", "paraphrase", "described"], default="paraphrase",
+                        help="dcpo-captions: which captions to write")
     parser.add_argument("--attention-only", action="store_true",
                         help="sensitivity: perturb only the attention projections, the weights a LoRA adapts")
     args = parser.parse_args()
-    if args.probe == "drawn-pairs" and not args.output:
-        parser.error("drawn-pairs needs --output: the parquet file to write")
+    if args.probe in ("drawn-pairs", "dcpo-captions") and not args.output:
+        parser.error(f"{args.probe} needs --output: the parquet file to write")
     if args.probe in ("branches", "guidance") and not args.lora:
         parser.error(f"{args.probe} needs --lora: a folder that `diffalign train` wrote")
     probes = {"headroom": headroom, "sensitivity": sensitivity, "branches": branches, "guidance": guidance,
-              "samplers": samplers, "drawn-pairs": drawn_pairs}
+              "samplers": samplers, "drawn-pairs": drawn_pairs, "dcpo-captions": dcpo_captions,
+              "paraphrase": paraphrase}
     probes[args.probe](args)
 
 

@@ -101,6 +101,27 @@ def perturb(scene: Scene, rng: random.Random, attribute: str | None = None) -> S
     return replace(scene, **{attribute: value})
 
 
+PARAPHRASE_REWRITES = ("adjectives", "background_first", "position_first")
+
+
+def paraphrase(scene: Scene, rng: random.Random, rewrites: int = 1) -> str:
+    """The scene's prompt reworded without changing its meaning: `rewrites` of three word-order
+    changes, chosen at random (colour before size; the background before the position; the position
+    at the front). Only the prompt's own words are used, so the toy tokenizer reads every token.
+    The toy analogue of a paraphrasing model (DCPO-p's DIPPER), e.g. "one small red circle on the
+    left on a gray background" -> "on the left one small red circle on a gray background"."""
+    chosen = rng.sample(PARAPHRASE_REWRITES, rewrites)
+    shape = scene.shape if scene.count == 1 else scene.shape + "s"
+    size_colour = f"{scene.colour} {scene.size}" if "adjectives" in chosen else f"{scene.size} {scene.colour}"
+    noun = f"{COUNT_WORDS[scene.count]} {size_colour} {shape}"
+    position, background = POSITION_PHRASES[scene.position], f"on a {scene.background} background"
+    if "position_first" in chosen:
+        return f"{position} {noun} {background}"
+    if "background_first" in chosen:
+        return f"{noun} {background} {position}"
+    return f"{noun} {position} {background}"
+
+
 def _centres(scene: Scene, rng: random.Random) -> list[tuple[float, float]]:
     """Shape centres in output pixels: evenly spaced along a column (left/right) or a row
     (top/bottom), each jittered by up to a pixel; the line itself shifts by up to 2 px."""

@@ -5,7 +5,8 @@ import random
 import numpy as np
 
 from diffalign.toy.render import (
-    ATTRIBUTES, BACKGROUNDS, COLOURS, IMAGE_SIZE, Scene, all_scenes, parse_prompt, perturb, render, split_prompts,
+    ATTRIBUTES, BACKGROUNDS, COLOURS, IMAGE_SIZE, Scene, all_scenes, paraphrase, parse_prompt, perturb, render,
+    split_prompts,
 )
 
 
@@ -82,3 +83,17 @@ def test_perturb_changes_exactly_one_attribute():
         other = perturb(scene, rng)
         assert sum(getattr(other, a) != getattr(scene, a) for a in ATTRIBUTES) == 1
     assert perturb(scene, rng, "count").count != 3
+
+
+def test_paraphrase_rewords_the_prompt_with_its_own_words_only():
+    # meaning kept: the same words in another order, each rewrite a different order, and no two
+    # scenes share a paraphrase (so a paraphrase still names exactly one scene)
+    scene = Scene(1, "small", "red", "circle", "left", "gray")
+    assert paraphrase(scene, random.Random(0), 3) == "on the left one red small circle on a gray background"
+    seen = {}
+    for s in all_scenes():
+        texts = {paraphrase(s, random.Random(k), 1) for k in range(20)}
+        assert len(texts) == 3 and s.prompt not in texts
+        for text in texts:
+            assert sorted(text.split()) == sorted(s.prompt.split())
+            assert seen.setdefault(text, s) == s
