@@ -7,9 +7,11 @@ Written for each base model under assets/toy-data/<model>/:
   diffalign.data reads with image_columns/label_columns set to all K.
 - pairs.parquet: the Pick-a-Pic v2 schema (caption, jpg_0, jpg_1, label_0, label_1): best vs
   worst of each list, label_0 = 1 (the winner is always jpg_0), plus Pick-Double Caption's
-  caption_0/caption_1 for DCPO (one file, so the images are stored once). The winner keeps the
-  prompt; the loser gets the one-attribute edit of the prompt that toy-reward finds fits it
-  best, i.e. a description of what the loser actually shows ("three" where it drew three).
+  caption_0/caption_1 for DCPO (one file, so the images are stored once), made as DCPO-p makes
+  them: the winner keeps the prompt, the loser gets the prompt with one word changed by
+  diffalign.captions' rules (`python -m diffalign.captions --strategy perturb --strength weak`,
+  seed 0). Captions that describe the loser instead cost DCPO its gain in the toy world, where
+  every description is itself a prompt to follow (docs/benchmarks.md, "DCPO in the toy world").
 - stats.json: settings, sizes, toy-reward/toy-judge agreement and base-model accuracy.
 """
 
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from diffalign.captions import perturb_text
 from diffalign.toy import clip_reward
 from diffalign.toy.render import ATTRIBUTES, VALUES, Scene, all_scenes, split_prompts
 
@@ -67,11 +70,6 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = STEPS, gui
         images = pipe(prompt=batch, generator=gens, num_inference_steps=steps, guidance_scale=guidance, output_type="pt").images
         out.append(images.float().cpu())
     return torch.cat(out)
-
-
-def one_attribute_edits(scene: Scene) -> list[Scene]:
-    """Every scene that differs from `scene` in exactly one attribute (14 of them)."""
-    return [replace(scene, **{a: v}) for a in ATTRIBUTES for v in VALUES[a] if v != getattr(scene, a)]
 
 
 def png_bytes(image01: torch.Tensor) -> bytes:
@@ -170,11 +168,7 @@ def build_preference_data(model_dir: Path, reward_dir: Path, judge_dir: Path, ou
 
     # Pick-a-Pic v2 pairs (best against worst), with DCPO's per-image captions alongside as in
     # Pick-Double Caption: DPO, MaPO and SFT read the prompt, DCPO caption_0/caption_1.
-    loser_captions = []
-    for p, scene in enumerate(scenes):
-        edits = one_attribute_edits(scene)
-        fit = clip_reward.score_matrix(reward, reward_tok, images[p, K - 1][None], [e.prompt for e in edits], device)[0]
-        loser_captions.append(edits[int(fit.argmax())].prompt)
+    loser_captions = [perturb_text(prompt, "weak", seed=0) for prompt in ranked["caption"]]
     write_parquet(out_dir / "pairs.parquet", {
         "caption": ranked["caption"], "jpg_0": ranked["jpg_0"], "jpg_1": ranked[f"jpg_{K - 1}"],
         "label_0": [1.0] * len(scenes), "label_1": [0.0] * len(scenes),

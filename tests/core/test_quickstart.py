@@ -55,6 +55,16 @@ def test_quickstart_learning_rate_per_method(argv, lr):
     assert quickstart_config(argv).lr == pytest.approx(lr)
 
 
+@pytest.mark.parametrize("argv, beta", [
+    (["--method", "dcpo"], 5000.0),  # DPO's beta on toy-sd (docs/benchmarks.md, "DCPO in the toy world")
+    (["--method", "dcpo", "--beta", "500"], 500.0),  # a user's --beta still wins
+    (["--method", "dcpo", "--model", "toy-flow"], None),  # toy-flow keeps the flow default (100)
+    (["--method", "dpo"], None),
+])
+def test_quickstart_beta_per_method(argv, beta):
+    assert quickstart_config(argv).beta == beta
+
+
 @pytest.mark.parametrize("argv, model, dataset, output_dir", [
     (["--method", "rankdpo", "--model", "toy-flow"], "toy-flow", "toy-data/toy-flow/ranked.parquet",
      "outputs/quickstart-rankdpo-toy-flow"),

@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from diffalign.captions import perturb_text
 from diffalign.paths import asset
 from diffalign.toy.render import ATTRIBUTES, IMAGE_SIZE, perturb, render, split_prompts
 
@@ -95,7 +96,9 @@ def test_preference_data_loads_and_is_ranked(model):
     rows = pairs.to_pylist()
     first = rows[0]
     assert first["jpg_0"] == ranked[0]["jpg_0"] and first["jpg_1"] == ranked[0]["jpg_3"] and first["label_0"] == 1.0
-    assert all(r["caption_0"] == r["caption"] != r["caption_1"] for r in rows)
+    # DCPO-p captions: the winner keeps the prompt, the loser's is the prompt perturbed by the rules
+    assert all(r["caption_0"] == r["caption"] != r["caption_1"] == perturb_text(r["caption"], "weak", seed=0)
+               for r in rows)
     stats = json.loads((folder / "stats.json").read_text())
     assert stats["num_pairs"] == len(rows) == len(ranked)
 
