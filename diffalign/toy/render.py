@@ -107,7 +107,8 @@ PARAPHRASE_REWRITES = ("adjectives", "background_first", "position_first")
 def paraphrase(scene: Scene, rng: random.Random, rewrites: int = 1) -> str:
     """The scene's prompt reworded without changing its meaning: `rewrites` of three word-order
     changes, chosen at random (colour before size; the background before the position; the position
-    at the front). Only the prompt's own words are used, so the toy tokenizer reads every token.
+    at the front, which wins over the second when both are chosen). Only the prompt's own words are
+    used, so the toy tokenizer reads every token.
     The toy analogue of a paraphrasing model (DCPO-p's DIPPER), e.g. "one small red circle on the
     left on a gray background" -> "on the left one small red circle on a gray background"."""
     chosen = rng.sample(PARAPHRASE_REWRITES, rewrites)
