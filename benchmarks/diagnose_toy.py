@@ -81,6 +81,17 @@ def report(label: str, model_images, base_images, prompts, prompt_ids, rewards, 
               flush=True)
 
 
+def png_tensors(pngs) -> torch.Tensor:
+    """uint8 (N, 3, H, W) from PNG bytes, as the toy data stores its images."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return torch.stack([torch.from_numpy(np.array(Image.open(io.BytesIO(b)).convert("RGB"))).permute(2, 0, 1)
+                        for b in pngs])
+
+
 def shows_no_shape(images: torch.Tensor) -> torch.Tensor:
     """True where under 1% of the pixels differ from the image's median colour by more than 60/255."""
     x = images.float()
@@ -237,11 +248,7 @@ def samplers(args) -> None:
 
 
 def drawn_pairs(args) -> None:
-    import io
-
-    import numpy as np
     import pandas as pd
-    from PIL import Image
 
     from diffalign.paths import asset
 
@@ -252,9 +259,8 @@ def drawn_pairs(args) -> None:
     k = sum(c.startswith("jpg_") for c in lists.columns)
     rows = []
     for _, group in lists.iterrows():  # images are stored best first
-        images = [torch.from_numpy(np.array(Image.open(io.BytesIO(group[f"jpg_{j}"])).convert("RGB"))).permute(2, 0, 1)
-                  for j in range(k)]
-        drawn = [j for j, empty in enumerate(shows_no_shape(torch.stack(images)).tolist()) if not empty]
+        images = png_tensors(group[f"jpg_{j}"] for j in range(k))
+        drawn = [j for j, empty in enumerate(shows_no_shape(images).tolist()) if not empty]
         if len(drawn) >= 2:
             rows.append({"caption": group["caption"], "jpg_0": group[f"jpg_{drawn[0]}"],
                          "jpg_1": group[f"jpg_{drawn[-1]}"], "label_0": 1.0, "label_1": 0.0})
@@ -294,12 +300,9 @@ def describe(images01: torch.Tensor, prompts: list[str], reward_dir, sweeps: int
 
 
 def dcpo_captions(args) -> None:
-    import io
     import random
 
-    import numpy as np
     import pandas as pd
-    from PIL import Image
 
     from diffalign.paths import asset
     from diffalign.toy.render import paraphrase, parse_prompt
@@ -315,12 +318,9 @@ def dcpo_captions(args) -> None:
         pairs["caption_0"] = prompts
         pairs["caption_1"] = [paraphrase(parse_prompt(p), random.Random(f"{args.seed}:{p}")) for p in prompts]
     else:
-        def images(column):
-            return torch.stack([torch.from_numpy(np.array(Image.open(io.BytesIO(b)).convert("RGB"))).permute(2, 0, 1)
-                                for b in pairs[column]]).float() / 255
-
-        pairs["caption_0"] = describe(images("jpg_0"), prompts, asset("toy-reward"))
-        pairs["caption_1"] = describe(images("jpg_1"), prompts, asset("toy-reward"))
+        for column in ("0", "1"):
+            images01 = png_tensors(pairs[f"jpg_{column}"]).float() / 255
+            pairs[f"caption_{column}"] = describe(images01, prompts, asset("toy-reward"))
     pairs.to_parquet(args.output)
     changed = [(pairs[c] != pairs["caption"]).mean() for c in ("caption_0", "caption_1")]
     print(f"{len(pairs)} pairs with {args.captions} captions written to {args.output} "

@@ -63,9 +63,14 @@ class Scene:
 
     @property
     def prompt(self) -> str:
+        return f"{self.noun_phrase()} {POSITION_PHRASES[self.position]} on a {self.background} background"
+
+    def noun_phrase(self, colour_first: bool = False) -> str:
+        """Count, adjectives and shape, e.g. "two small red circles" ("two red small circles" with
+        colour_first); the noun agrees with the count."""
         shape = self.shape if self.count == 1 else self.shape + "s"
-        return (f"{COUNT_WORDS[self.count]} {self.size} {self.colour} {shape} "
-                f"{POSITION_PHRASES[self.position]} on a {self.background} background")
+        adjectives = f"{self.colour} {self.size}" if colour_first else f"{self.size} {self.colour}"
+        return f"{COUNT_WORDS[self.count]} {adjectives} {shape}"
 
 
 def all_scenes() -> list[Scene]:
@@ -112,9 +117,7 @@ def paraphrase(scene: Scene, rng: random.Random, rewrites: int = 1) -> str:
     The toy analogue of a paraphrasing model (DCPO-p's DIPPER), e.g. "one small red circle on the
     left on a gray background" -> "on the left one small red circle on a gray background"."""
     chosen = rng.sample(PARAPHRASE_REWRITES, rewrites)
-    shape = scene.shape if scene.count == 1 else scene.shape + "s"
-    size_colour = f"{scene.colour} {scene.size}" if "adjectives" in chosen else f"{scene.size} {scene.colour}"
-    noun = f"{COUNT_WORDS[scene.count]} {size_colour} {shape}"
+    noun = scene.noun_phrase(colour_first="adjectives" in chosen)
     position, background = POSITION_PHRASES[scene.position], f"on a {scene.background} background"
     if "position_first" in chosen:
         return f"{position} {noun} {background}"
