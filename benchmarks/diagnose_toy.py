@@ -36,7 +36,8 @@ held-out prompts, 20 steps (`--steps`), and scores with toy-judge and toy-reward
   how far from the prompt the loser's caption can go (docs/benchmarks.md, "DCPO in the toy
   world"). `--captions same`: both captions are the prompt (DCPO is then Diffusion-DPO at DCPO's
   beta); `paraphrase`: the loser gets the prompt reworded, same meaning (`toy.render.paraphrase`,
-  one rewrite); `described`: both images get a caption, the prompt with each attribute changed
+  one rewrite); `edit`: the loser gets the prompt with one attribute changed at random within the
+  toy grammar (`toy.render.perturb`, a DCPO-p perturbation in toy words only); `described`: both images get a caption, the prompt with each attribute changed
   to the value toy-reward scores highest for the image (two sweeps; never a held-out prompt).
   Train on it with `diffalign train --method dcpo --config configs/quickstart.yaml --dataset F`.
 * paraphrase: the model's samples from each held-out prompt reworded (`toy.render.paraphrase`)
@@ -305,7 +306,7 @@ def dcpo_captions(args) -> None:
     import pandas as pd
 
     from diffalign.paths import asset
-    from diffalign.toy.render import paraphrase, parse_prompt
+    from diffalign.toy.render import paraphrase, parse_prompt, perturb
 
     path = asset("toy-data") / args.model / "pairs.parquet"
     if not path.is_file():
@@ -317,6 +318,9 @@ def dcpo_captions(args) -> None:
     elif args.captions == "paraphrase":
         pairs["caption_0"] = prompts
         pairs["caption_1"] = [paraphrase(parse_prompt(p), random.Random(f"{args.seed}:{p}")) for p in prompts]
+    elif args.captions == "edit":
+        pairs["caption_0"] = prompts
+        pairs["caption_1"] = [perturb(parse_prompt(p), random.Random(f"{args.seed}:{p}")).prompt for p in prompts]
     else:
         for column in ("0", "1"):
             images01 = png_tensors(pairs[f"jpg_{column}"]).float() / 255
@@ -341,7 +345,7 @@ def main() -> None:
     parser.add_argument("--scales", default="2,3,4,6,8")
     parser.add_argument("--noise", type=float, default=0.01, help="sensitivity: noise in units of each weight's std")
     parser.add_argument("--output", help="drawn-pairs, dcpo-captions: the parquet file to write")
-    parser.add_argument("--captions", choices=["same", "paraphrase", "described"], default="paraphrase",
+    parser.add_argument("--captions", choices=["same", "paraphrase", "edit", "described"], default="paraphrase",
                         help="dcpo-captions: which captions to write")
     parser.add_argument("--attention-only", action="store_true",
                         help="sensitivity: perturb only the attention projections, the weights a LoRA adapts")
