@@ -46,7 +46,7 @@ def tokenizer_dir(work: Path) -> Path:
 def run_builder(name: str, out: Path, work: Path, device: torch.device, smoke: bool = False,
                 data_models: tuple[str, ...] = ("toy-sd", "toy-flow"), resume_sd: int = 0,
                 data_prompts: int | None = None, candidates: int | None = None,
-                sd_cycles: int | None = None, sd_variant: str | None = None) -> dict:
+                sd_cycles: int | None = None, sd_variant: str | None = None, reworded: float = 0.0) -> dict:
     from dataclasses import replace
 
     from diffalign.toy import clip_reward, generators, preference_data
@@ -57,6 +57,8 @@ def run_builder(name: str, out: Path, work: Path, device: torch.device, smoke: b
         spec = replace(spec, sd_cycles=sd_cycles)
     if sd_variant:
         spec = replace(spec, sd_variant=sd_variant)
+    if reworded:
+        spec = replace(spec, reworded=reworded)
     reward_spec, judge_spec = clip_reward.REWARD_SPEC, clip_reward.JUDGE_SPEC
     prompts_per_model = {m: data_prompts or DATA_PROMPTS for m in ("toy-sd", "toy-flow")}
     if smoke:  # a few steps of everything: checks the plumbing, not the models
@@ -112,7 +114,7 @@ def require(path: Path, builder: str) -> None:
 def build(only: list[str], out: Path, work: Path, device_name: str, smoke: bool = False,
           data_models: tuple[str, ...] = ("toy-sd", "toy-flow"), resume_sd: int = 0,
           data_prompts: int | None = None, candidates: int | None = None, sd_cycles: int | None = None,
-          sd_variant: str | None = None) -> dict:
+          sd_variant: str | None = None, reworded: float = 0.0) -> dict:
     from diffalign.toy.common import pick_device
 
     unknown = [n for n in only if n not in BUILDERS]
@@ -128,7 +130,7 @@ def build(only: list[str], out: Path, work: Path, device_name: str, smoke: bool 
         start = time.time()
         print(f"== building {name} on {device}", flush=True)
         results[name] = run_builder(name, out, work, device, smoke, data_models, resume_sd, data_prompts, candidates,
-                                    sd_cycles, sd_variant)
+                                    sd_cycles, sd_variant, reworded)
         results[name + "_seconds"] = round(time.time() - start, 1)
         stem = name if name != "toy-data" else f"toy-data-{'+'.join(data_models)}"
         (work / "metrics" / f"{stem}.json").write_text(json.dumps(
@@ -188,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--sd-variant", default=SHIPPED_SD_VARIANT, choices=tuple(SD_VARIANTS),
                    help=f"toy-sd: text attention at 8x8 only (attn8, shipped before) or at 16x16 too with 8 heads "
                         f"(attn16) or one (attn16-1head); default {SHIPPED_SD_VARIANT}, what ships")
+    b.add_argument("--reworded", type=float, default=0.0, metavar="SHARE",
+                   help="toy-sd, toy-flow: share of training prompts given in another word order "
+                        "(toy.render.paraphrase); 0, what ships, trains on one word order")
     b.add_argument("--smoke", action="store_true", help="two steps of everything: a plumbing check, useless models")
     t = sub.add_parser("trim-vocab", help="shrink shipped toy models to the toy vocabulary (idempotent)")
     t.add_argument("--assets", type=Path, default=None, help="assets folder (default: the package's assets/)")
@@ -201,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             only = [n.strip() for n in args.only.split(",") if n.strip()]
             data_models = tuple(m.strip() for m in args.data_models.split(",") if m.strip())
             results = build(only, args.out or assets_dir(), args.work, args.device, args.smoke, data_models,
-                            args.resume_sd, args.data_prompts, args.candidates, args.sd_cycles, args.sd_variant)
+                            args.resume_sd, args.data_prompts, args.candidates, args.sd_cycles, args.sd_variant,
+                            args.reworded)
             print(json.dumps(results, indent=2))
         elif args.command == "trim-vocab":
             for name in ("toy-sd", "toy-flow", "toy-reward", "toy-judge"):

@@ -16,6 +16,7 @@ has the numbers), which leaves room for preference alignment.
 from __future__ import annotations
 
 import json
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 from diffalign.errors import DiffalignError
 from diffalign.toy import common
-from diffalign.toy.render import IMAGE_SIZE, split_prompts
+from diffalign.toy.render import IMAGE_SIZE, PARAPHRASE_REWRITES, paraphrase, split_prompts
 
 LATENT_CHANNELS = 4
 LATENT_SIZE = IMAGE_SIZE // 2  # two VAE blocks: one 2x downsampling
@@ -48,6 +49,10 @@ class GeneratorSpec:
     lr: float = 1e-3
     renders_per_scene: int = 8
     sd_variant: str = SHIPPED_SD_VARIANT  # a key of SD_VARIANTS
+    # Share of training prompts replaced by a rewording of the same scene (toy.render.paraphrase),
+    # so the model learns that word order does not change the meaning. 0 ships: the generators
+    # see one word order, which a paraphrased caption (DCPO-p) then reads as new text.
+    reworded: float = 0.0
 
 
 def clipped_step(loss: torch.Tensor, params: list, optimiser, schedule) -> None:
@@ -150,17 +155,28 @@ def encode_bank(vae, bank: torch.Tensor, device: torch.device, shift: float, sca
     return torch.cat(means), torch.cat(stds)
 
 
+def reworded_prompt(scene, rng: random.Random) -> str:
+    """The scene's prompt in one of its other word orders (one to three of paraphrase's rewrites)."""
+    return paraphrase(scene, rng, rewrites=rng.randint(1, len(PARAPHRASE_REWRITES)))
+
+
 def generator_batches(spec: GeneratorSpec, vae, device: torch.device, shift: float, seed_offset: int = 0):
     """Yields (latents, prompts) batches forever, over train scenes x seeded renders."""
     train_scenes, _ = split_prompts()
     bank = common.render_bank(train_scenes, spec.renders_per_scene, common.SEEDS_GENERATOR)
     owners = [s.prompt for s in train_scenes for _ in range(spec.renders_per_scene)]
     mean, std = encode_bank(vae, bank.flatten(0, 1), device, shift, vae.config.scaling_factor)
+    owner_scenes = [s for s in train_scenes for _ in range(spec.renders_per_scene)]
     gen = torch.Generator().manual_seed(spec.seed + 1000 * seed_offset)
+    # its own stream, so that reworded = 0 draws exactly the batches it always drew
+    reword_rng = random.Random(spec.seed + 1000 * seed_offset + 7)
     while True:
         idx = torch.randint(0, len(owners), (spec.batch_size,), generator=gen)
         drop = torch.rand(spec.batch_size, generator=gen) < CFG_DROPOUT
         prompts = ["" if d else owners[i] for i, d in zip(idx.tolist(), drop.tolist())]
+        if spec.reworded > 0:
+            prompts = [reworded_prompt(owner_scenes[i], reword_rng) if p and reword_rng.random() < spec.reworded else p
+                       for i, p in zip(idx.tolist(), prompts)]
         idx = idx.to(device)
         noise = torch.randn(mean[idx].shape, generator=gen).to(device)
         yield mean[idx] + std[idx] * noise, prompts

@@ -1,0 +1,33 @@
+"""The toy generators' training batches (diffalign/toy/generators.py)."""
+
+from dataclasses import replace
+from itertools import islice
+
+import torch
+
+from diffalign.toy import generators
+
+
+def batches(spec, count=3):
+    torch.manual_seed(0)  # the VAE's random weights: the same for both specs
+    vae = generators.build_vae(shift_factor=0.0).eval()
+    return list(islice(generators.generator_batches(spec, vae, torch.device("cpu"), shift=0.0), count))
+
+
+def test_reworded_batches_keep_the_recipe_and_only_reorder_words():
+    spec = generators.GeneratorSpec(batch_size=64, renders_per_scene=1)
+    plain, reworded = batches(spec), batches(replace(spec, reworded=0.5))
+    changed = kept = 0
+    for (x_plain, p_plain), (x_reworded, p_reworded) in zip(plain, reworded):
+        # rewording draws from its own stream: the latents and the canonical prompts are the recipe's
+        torch.testing.assert_close(x_reworded, x_plain, rtol=0, atol=0)
+        for before, after in zip(p_plain, p_reworded):
+            assert sorted(after.split()) == sorted(before.split())  # the same words, so the same scene
+            if before == "":
+                assert after == ""  # the guidance dropout is never reworded
+            elif after != before:
+                changed += 1
+            else:
+                kept += 1
+    assert 0.35 < changed / (changed + kept) < 0.65  # about half of the non-empty prompts
+    assert batches(spec)[0][1] == plain[0][1]  # seeded
