@@ -37,8 +37,9 @@ held-out prompts, 20 steps (`--steps`), and scores with toy-judge and toy-reward
   world"). `--captions same`: both captions are the prompt (DCPO is then Diffusion-DPO at DCPO's
   beta); `paraphrase`: the loser gets the prompt reworded, same meaning (`toy.render.paraphrase`,
   one rewrite); `edit`: the loser gets the prompt with one attribute changed at random within the
-  toy grammar (`toy.render.perturb`, a DCPO-p perturbation in toy words only); `described`: both images get a caption, the prompt with each attribute changed
-  to the value toy-reward scores highest for the image (two sweeps; never a held-out prompt).
+  toy grammar (`toy.render.perturb`, a DCPO-p perturbation in toy words only); `described`: both
+  images get a caption, the prompt with each attribute changed to the value toy-reward scores
+  highest for the image (two sweeps; never a held-out prompt).
   Train on it with `diffalign train --method dcpo --config configs/quickstart.yaml --dataset F`.
 * paraphrase: the model's samples from each held-out prompt reworded (`toy.render.paraphrase`)
   against its samples from the prompt itself, same seeds, both scored on the prompt. A win near

@@ -164,9 +164,9 @@ def generator_batches(spec: GeneratorSpec, vae, device: torch.device, shift: flo
     """Yields (latents, prompts) batches forever, over train scenes x seeded renders."""
     train_scenes, _ = split_prompts()
     bank = common.render_bank(train_scenes, spec.renders_per_scene, common.SEEDS_GENERATOR)
-    owners = [s.prompt for s in train_scenes for _ in range(spec.renders_per_scene)]
-    mean, std = encode_bank(vae, bank.flatten(0, 1), device, shift, vae.config.scaling_factor)
     owner_scenes = [s for s in train_scenes for _ in range(spec.renders_per_scene)]
+    owners = [s.prompt for s in owner_scenes]
+    mean, std = encode_bank(vae, bank.flatten(0, 1), device, shift, vae.config.scaling_factor)
     gen = torch.Generator().manual_seed(spec.seed + 1000 * seed_offset)
     # its own stream, so that reworded = 0 draws exactly the batches it always drew
     reword_rng = random.Random(spec.seed + 1000 * seed_offset + 7)
