@@ -316,12 +316,10 @@ def dcpo_captions(args) -> None:
     prompts = pairs["caption"].tolist()
     if args.captions == "same":
         pairs["caption_0"], pairs["caption_1"] = prompts, prompts
-    elif args.captions == "paraphrase":
+    elif args.captions in ("paraphrase", "edit"):  # the winner keeps the prompt; the loser's is changed
+        change = {"paraphrase": paraphrase, "edit": lambda scene, rng: perturb(scene, rng).prompt}[args.captions]
         pairs["caption_0"] = prompts
-        pairs["caption_1"] = [paraphrase(parse_prompt(p), random.Random(f"{args.seed}:{p}")) for p in prompts]
-    elif args.captions == "edit":
-        pairs["caption_0"] = prompts
-        pairs["caption_1"] = [perturb(parse_prompt(p), random.Random(f"{args.seed}:{p}")).prompt for p in prompts]
+        pairs["caption_1"] = [change(parse_prompt(p), random.Random(f"{args.seed}:{p}")) for p in prompts]
     else:
         for column in ("0", "1"):
             images01 = png_tensors(pairs[f"jpg_{column}"]).float() / 255

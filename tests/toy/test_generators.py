@@ -38,4 +38,4 @@ def test_reworded_batches_keep_the_recipe_and_only_reorder_words():
             else:
                 kept += 1
     assert 0.35 < changed / (changed + kept) < 0.65  # about half of the non-empty prompts
-    assert batches(spec)[0][1] == plain[0][1]  # seeded
+    assert batches(replace(spec, reworded=0.5), count=1)[0][1] == reworded[0][1]  # the rewording is seeded
