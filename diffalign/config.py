@@ -131,6 +131,8 @@ class TrainConfig:
     """Images per prompt in the final evaluation."""
     eval_max_prompts: int | None = None
     """Evaluate on the first N prompts only (None: all)."""
+    eval_baseline_cache: bool = True
+    """Keep the base model's evaluation images between runs ($DIFFALIGN_CACHE, default ~/.cache/diffalign)."""
 
 
 def config_fields() -> list[dataclasses.Field]:

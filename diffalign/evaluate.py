@@ -17,16 +17,26 @@ has a baseline twin that differs only in the weights. For every reward:
 Writes OUT/eval.json, OUT/scores.jsonl (every image's scores), OUT/grid.png (baseline left,
 model right, same seeds) and prints a summary table. `evaluate()` is the same thing as a
 Python function, used by `diffalign train` at the end of the quickstart.
+
+Baseline cache. Comparing many runs with one base model re-draws the same baseline images each
+time (half of a toy run's evaluation). When the baseline is a local folder, its images are kept
+under $DIFFALIGN_CACHE (default ~/.cache/diffalign)/eval-baselines/, keyed by the folder's files
+(path, size, modification time), the prompts, seeds, sampler settings, dtype, device, batch size
+and the torch and diffusers versions, and read back on the next run with the same key.
+`--no-baseline-cache` turns it off; `--baseline-cache DIR` moves it.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import math
+import os
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -298,6 +308,67 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------ baseline cache
+
+BASELINE_CACHE_FORMAT = 1
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DIFFALIGN_CACHE") or Path.home() / ".cache" / "diffalign")
+
+
+def model_fingerprint(model: Any) -> list | None:
+    """(file, size, mtime) of a local model folder's files, so an edited model gets a new key.
+    None for a hub id or a pipeline object: what they hold cannot be checked cheaply, so they are
+    never cached."""
+    if not isinstance(model, str) or not Path(resolve_model(model)).is_dir():
+        return None
+    root = Path(resolve_model(model)).resolve()
+    files = sorted(f for f in root.rglob("*") if f.is_file())
+    return [str(root)] + [[str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def baseline_cache_file(cache_dir: Path, fingerprint: list, prompts: list[str], seeds: list[int], call_kwargs: dict,
+                        dtype: torch.dtype, device: torch.device, batch_size: int) -> Path:
+    import diffusers
+
+    key = {"format": BASELINE_CACHE_FORMAT, "model": fingerprint, "prompts": prompts, "seeds": seeds,
+           "call_kwargs": call_kwargs, "dtype": str(dtype), "device": device.type, "batch_size": batch_size,
+           "torch": torch.__version__, "diffusers": diffusers.__version__}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return Path(cache_dir) / "eval-baselines" / f"{digest}.safetensors"
+
+
+def read_cached_baseline(path: Path, num_images: int) -> torch.Tensor | None:
+    """The cached uint8 images, or None when absent or unreadable (then they are drawn again)."""
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    try:
+        images = load_file(str(path))["images"]
+    except Exception as error:  # a damaged cache entry costs a re-draw, never the evaluation
+        warnings.warn(f"baseline cache {path} is unreadable ({error}); drawing the baseline again", stacklevel=2)
+        return None
+    return images if images.dtype == torch.uint8 and images.shape[0] == num_images else None
+
+
+def write_cached_baseline(path: Path, images: torch.Tensor) -> None:
+    """Written to a temporary file and renamed, so a reader never sees half a file; a failed write
+    (full disk, read-only cache) only warns."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"images": images.contiguous()}, str(tmp))
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        warnings.warn(f"could not write the baseline cache {path} ({error}); evaluation goes on without it",
+                      stacklevel=2)
+
+
 # ------------------------------------------------------------------------------ entry points
 
 
@@ -305,11 +376,12 @@ def evaluate(model: Any, baseline: Any, prompts: list[str] | str, rewards: Any, 
              output_dir: str | Path, *, lora: str | None = None, steps: int | None = None,
              guidance: float | None = None, resolution: int | None = None, batch_size: int = 8,
              max_prompts: int | None = None, device: str | None = None, dtype: str = "fp32",
-             verbose: bool = True) -> dict:
+             verbose: bool = True, baseline_cache: str | Path | bool = True) -> dict:
     """Generate `num_images` per prompt with `model` (plus `lora`) and `baseline`, same seeds,
     score with `rewards`, write eval.json + scores.jsonl + grid.png to `output_dir`, return the
     eval.json dict. `model`/`baseline` are names, paths or loaded pipelines; baseline None means
-    the model without the LoRA. `prompts` is a list or a --prompts source ('toy', a file)."""
+    the model without the LoRA. `prompts` is a list or a --prompts source ('toy', a file).
+    `baseline_cache`: True (the default folder), a folder, or False (always draw the baseline)."""
     from diffalign.rewards import as_dtype
 
     if num_images < 1:
@@ -338,11 +410,25 @@ def evaluate(model: Any, baseline: Any, prompts: list[str] | str, rewards: Any, 
     prompt_ids = [i for i in range(len(prompt_list)) for _ in range(num_images)]
 
     # The baseline first: with baseline None it is the same pipeline before the LoRA goes in.
-    base_pipe = load_pipeline(baseline if baseline is not None else model, torch_device, torch_dtype)
-    baseline_images = generate(base_pipe, all_prompts, seeds, batch_size, call_kwargs, "baseline")
-    model_pipe = base_pipe if baseline is None else load_pipeline(model, torch_device, torch_dtype)
-    if baseline is not None:
-        del base_pipe
+    base_model = baseline if baseline is not None else model
+    cache_file = None
+    fingerprint = model_fingerprint(base_model) if baseline_cache is not False else None
+    if fingerprint is not None:
+        cache_dir = default_cache_dir() if baseline_cache is True else Path(baseline_cache)
+        cache_file = baseline_cache_file(cache_dir, fingerprint, all_prompts, seeds, call_kwargs, torch_dtype,
+                                         torch_device, batch_size)
+    baseline_images = read_cached_baseline(cache_file, len(all_prompts)) if cache_file else None
+    baseline_source = f"cache {cache_file}" if baseline_images is not None else "drawn"
+    if verbose and baseline_images is not None:
+        print(f"baseline images read from the cache {cache_file} (--no-baseline-cache draws them again)")
+    base_pipe = None
+    if baseline_images is None:
+        base_pipe = load_pipeline(base_model, torch_device, torch_dtype)
+        baseline_images = generate(base_pipe, all_prompts, seeds, batch_size, call_kwargs, "baseline")
+        if cache_file:
+            write_cached_baseline(cache_file, baseline_images)
+    model_pipe = base_pipe if baseline is None and base_pipe is not None else load_pipeline(model, torch_device, torch_dtype)
+    del base_pipe
     if lora is not None:
         load_lora(model_pipe, lora)
     model_images = generate(model_pipe, all_prompts, seeds, batch_size, call_kwargs, "model")
@@ -353,6 +439,7 @@ def evaluate(model: Any, baseline: Any, prompts: list[str] | str, rewards: Any, 
         "lora": lora,
         "baseline": (baseline if isinstance(baseline, str) else type(baseline).__name__) if baseline is not None
         else f"{model if isinstance(model, str) else 'model'} without LoRA",
+        "baseline_images": baseline_source,
         "num_prompts": len(prompt_list),
         "images_per_prompt": num_images,
         "num_images": len(all_prompts),
@@ -397,10 +484,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     parser.add_argument("--dtype", default="fp32", help="fp32, fp16 or bf16")
+    parser.add_argument("--baseline-cache", default=None,
+                        help="folder that keeps baseline images between runs (default: $DIFFALIGN_CACHE or ~/.cache/diffalign)")
+    parser.add_argument("--no-baseline-cache", action="store_true", help="always draw the baseline images")
 
 
 def run(args: argparse.Namespace) -> int:
     evaluate(args.model, args.baseline, args.prompts, args.reward, args.num_images, args.seed, args.output_dir,
              lora=args.lora, steps=args.steps, guidance=args.guidance, resolution=args.resolution,
-             batch_size=args.batch_size, max_prompts=args.max_prompts, device=args.device, dtype=args.dtype)
+             batch_size=args.batch_size, max_prompts=args.max_prompts, device=args.device, dtype=args.dtype,
+             baseline_cache=False if args.no_baseline_cache else (args.baseline_cache or True))
     return 0

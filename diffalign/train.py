@@ -632,5 +632,5 @@ def run_final_eval(cfg: TrainConfig, out: Path) -> dict:
         trained, cfg.model if cfg.full_finetune else None, cfg.eval_prompts, list(cfg.eval_rewards),
         cfg.eval_num_images, cfg.seed, out / "eval", lora=None if cfg.full_finetune else str(out),
         steps=cfg.validation_steps, guidance=cfg.guidance_scale, resolution=cfg.resolution,
-        max_prompts=cfg.eval_max_prompts,
+        max_prompts=cfg.eval_max_prompts, baseline_cache=cfg.eval_baseline_cache,
     )

@@ -144,6 +144,56 @@ def test_lora_run_compares_against_the_same_model_without_it(tmp_path):
     assert "without LoRA" in r["baseline"]
 
 
+def test_baseline_images_are_cached_between_runs_and_redrawn_when_anything_changes(tmp_path, monkeypatch):
+    import os
+
+    import diffalign.evaluate as ev
+    from diffalign.testing import save_tiny_pipeline, tiny_pipeline
+
+    base_dir = save_tiny_pipeline("sd", tmp_path / "base")
+    model = tiny_pipeline("sd", seed=1)
+    model.set_progress_bar_config(disable=True)
+    drawn = []
+    real_generate = ev.generate
+    monkeypatch.setattr(ev, "generate", lambda pipe, *a, **k: drawn.append(a[-1]) or real_generate(pipe, *a, **k))
+    cache = tmp_path / "cache"
+
+    def run(name, **kwargs):
+        kwargs = {"seed": 0, "baseline_cache": cache, **kwargs}
+        result = evaluate(model, str(base_dir), ["a red circle"], [brightness], num_images=2, output_dir=tmp_path / name,
+                          steps=2, guidance=1.0, verbose=False, **kwargs)
+        rows = [json.loads(x) for x in (tmp_path / name / "scores.jsonl").read_text().splitlines()]
+        return result, [r["brightness"]["baseline"] for r in rows]
+
+    first, first_scores = run("first")
+    assert drawn == ["baseline", "model"] and first["baseline_images"] == "drawn"
+    files = list((cache / "eval-baselines").glob("*.safetensors"))
+    assert len(files) == 1
+    drawn.clear()
+    second, second_scores = run("second")  # same model files, prompts, seeds, settings: read back
+    assert drawn == ["model"] and second["baseline_images"] == f"cache {files[0]}"
+    assert second_scores == first_scores and second["rewards"] == first["rewards"]
+
+    drawn.clear()
+    run("off", baseline_cache=False)
+    run("other-seed", seed=5)
+    assert drawn == ["baseline", "model"] * 2
+    drawn.clear()
+    weights = next(base_dir.glob("unet/*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # an edited model
+    run("edited")
+    assert drawn == ["baseline", "model"] and len(list((cache / "eval-baselines").glob("*.safetensors"))) == 3
+
+    drawn.clear()
+    files[0].write_bytes(b"not a safetensors file")  # a damaged entry is drawn again, with a warning
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns - 10**9))
+    with pytest.warns(UserWarning, match="unreadable"):
+        _, again = run("damaged")
+    assert drawn == ["baseline", "model"] and again == pytest.approx(first_scores)
+    # a pipeline object cannot be fingerprinted: never cached
+    assert ev.model_fingerprint(model) is None and ev.model_fingerprint("some-org/some-hub-model") is None
+
+
 class _Captured(list):
     """A logging handler that keeps the messages that reach diffusers' library logger."""
 
