@@ -49,6 +49,7 @@ held-out prompts, 20 steps (`--steps`), and scores with toy-judge and toy-reward
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -309,9 +310,9 @@ def dcpo_captions(args) -> None:
     from diffalign.paths import asset
     from diffalign.toy.render import paraphrase, parse_prompt, perturb
 
-    path = asset("toy-data") / args.model / "pairs.parquet"
+    path = Path(args.pairs) if args.pairs else asset("toy-data") / args.model / "pairs.parquet"
     if not path.is_file():
-        raise SystemExit(f"dcpo-captions: no pairs at {path}: pass --model toy-sd or toy-flow")
+        raise SystemExit(f"dcpo-captions: no pairs at {path}: pass --model toy-sd or toy-flow, or --pairs FILE")
     pairs = pd.read_parquet(path)
     prompts = pairs["caption"].tolist()
     if args.captions == "same":
@@ -344,6 +345,7 @@ def main() -> None:
     parser.add_argument("--scales", default="2,3,4,6,8")
     parser.add_argument("--noise", type=float, default=0.01, help="sensitivity: noise in units of each weight's std")
     parser.add_argument("--output", help="drawn-pairs, dcpo-captions: the parquet file to write")
+    parser.add_argument("--pairs", help="dcpo-captions: the pairs file to re-caption (default: the shipped pairs of --model)")
     parser.add_argument("--captions", choices=["same", "paraphrase", "edit", "described"], default="paraphrase",
                         help="dcpo-captions: which captions to write")
     parser.add_argument("--attention-only", action="store_true",

@@ -353,9 +353,9 @@ def read_cached_baseline(path: Path, num_images: int) -> torch.Tensor | None:
     return images if images.dtype == torch.uint8 and images.shape[0] == num_images else None
 
 
-def write_cached_baseline(path: Path, images: torch.Tensor) -> None:
+def write_cached_baseline(path: Path, images: torch.Tensor) -> bool:
     """Written to a temporary file and renamed, so a reader never sees half a file; a failed write
-    (full disk, read-only cache) only warns."""
+    (full disk, read-only cache) only warns. True when the entry was written."""
     from safetensors.torch import save_file
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -364,9 +364,12 @@ def write_cached_baseline(path: Path, images: torch.Tensor) -> None:
         save_file({"images": images.contiguous()}, str(tmp))
         os.replace(tmp, path)
     except OSError as error:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         warnings.warn(f"could not write the baseline cache {path} ({error}); evaluation goes on without it",
                       stacklevel=2)
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------ entry points
@@ -425,8 +428,8 @@ def evaluate(model: Any, baseline: Any, prompts: list[str] | str, rewards: Any, 
     if baseline_images is None:
         base_pipe = load_pipeline(base_model, torch_device, torch_dtype)
         baseline_images = generate(base_pipe, all_prompts, seeds, batch_size, call_kwargs, "baseline")
-        if cache_file:
-            write_cached_baseline(cache_file, baseline_images)
+        if cache_file and write_cached_baseline(cache_file, baseline_images) and verbose:
+            print(f"baseline images kept in {cache_file} ({baseline_images.numel() / 2**20:.1f} MiB) for the next eval")
     model_pipe = base_pipe if baseline is None and base_pipe is not None else load_pipeline(model, torch_device, torch_dtype)
     del base_pipe
     if lora is not None:

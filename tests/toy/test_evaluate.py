@@ -190,6 +190,12 @@ def test_baseline_images_are_cached_between_runs_and_redrawn_when_anything_chang
     with pytest.warns(UserWarning, match="unreadable"):
         _, again = run("damaged")
     assert drawn == ["baseline", "model"] and again == pytest.approx(first_scores)
+    # a cache that cannot be written (here: its folder is a file) warns, and the evaluation goes on
+    blocked = tmp_path / "blocked"
+    blocked.write_text("")
+    with pytest.warns(UserWarning, match="could not write the baseline cache"):
+        _, unwritten = run("unwritable", baseline_cache=blocked)
+    assert unwritten == pytest.approx(first_scores)
     # a pipeline object cannot be fingerprinted: never cached
     assert ev.model_fingerprint(model) is None and ev.model_fingerprint("some-org/some-hub-model") is None
 
