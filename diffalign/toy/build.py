@@ -46,7 +46,8 @@ def tokenizer_dir(work: Path) -> Path:
 def run_builder(name: str, out: Path, work: Path, device: torch.device, smoke: bool = False,
                 data_models: tuple[str, ...] = ("toy-sd", "toy-flow"), resume_sd: int = 0,
                 data_prompts: int | None = None, candidates: int | None = None,
-                sd_cycles: int | None = None, sd_variant: str | None = None, reworded: float = 0.0) -> dict:
+                sd_cycles: int | None = None, sd_variant: str | None = None, reworded: float = 0.0,
+                flow_reword_steps: int = 0, resume_flow: bool = False) -> dict:
     from dataclasses import replace
 
     from diffalign.toy import clip_reward, generators, preference_data
@@ -59,6 +60,8 @@ def run_builder(name: str, out: Path, work: Path, device: torch.device, smoke: b
         spec = replace(spec, sd_variant=sd_variant)
     if reworded:
         spec = replace(spec, reworded=reworded)
+    if flow_reword_steps:
+        spec = replace(spec, flow_reword_steps=flow_reword_steps)
     reward_spec, judge_spec = clip_reward.REWARD_SPEC, clip_reward.JUDGE_SPEC
     prompts_per_model = {m: data_prompts or DATA_PROMPTS for m in ("toy-sd", "toy-flow")}
     if smoke:  # a few steps of everything: checks the plumbing, not the models
@@ -73,12 +76,19 @@ def run_builder(name: str, out: Path, work: Path, device: torch.device, smoke: b
     if name == "vae":
         return generators.train_vae(work / "vae", spec, device)
     if name in ("toy-sd", "toy-flow"):
-        require(work / "vae" / "config.json", "vae")
+        if not (name == "toy-flow" and resume_flow):
+            require(work / "vae" / "config.json", "vae")
         if name == "toy-sd":
             metrics = generators.train_toy_sd(out / name, work / "vae", tok, spec, device, resume=resume_sd)
+        elif resume_flow:  # the rewording stage only, on the toy-flow already in --out
+            require(out / name / "model_index.json", "toy-flow")
+            metrics = {}
         else:
             metrics = generators.train_toy_flow(out / name, work / "vae", tok, spec, device)
-        return {**metrics, "vocab_size": trim_asset(out / name)}
+        vocab_size = trim_asset(out / name)
+        if name == "toy-flow" and spec.flow_reword_steps:
+            metrics.update(generators.reword_toy_flow(out / name, work, spec, device))
+        return {**metrics, "vocab_size": vocab_size}
     # toy-data. The rewards do not depend on the generators: a generator built into another --out
     # is labelled and judged by the shipped toy-reward and toy-judge unless --out has its own.
     from diffalign.paths import asset
@@ -114,7 +124,8 @@ def require(path: Path, builder: str) -> None:
 def build(only: list[str], out: Path, work: Path, device_name: str, smoke: bool = False,
           data_models: tuple[str, ...] = ("toy-sd", "toy-flow"), resume_sd: int = 0,
           data_prompts: int | None = None, candidates: int | None = None, sd_cycles: int | None = None,
-          sd_variant: str | None = None, reworded: float = 0.0) -> dict:
+          sd_variant: str | None = None, reworded: float = 0.0, flow_reword_steps: int = 0,
+          resume_flow: bool = False) -> dict:
     from diffalign.toy.common import pick_device
 
     unknown = [n for n in only if n not in BUILDERS]
@@ -130,7 +141,7 @@ def build(only: list[str], out: Path, work: Path, device_name: str, smoke: bool 
         start = time.time()
         print(f"== building {name} on {device}", flush=True)
         results[name] = run_builder(name, out, work, device, smoke, data_models, resume_sd, data_prompts, candidates,
-                                    sd_cycles, sd_variant, reworded)
+                                    sd_cycles, sd_variant, reworded, flow_reword_steps, resume_flow)
         results[name + "_seconds"] = round(time.time() - start, 1)
         stem = name if name != "toy-data" else f"toy-data-{'+'.join(data_models)}"
         (work / "metrics" / f"{stem}.json").write_text(json.dumps(
@@ -193,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--reworded", type=float, default=0.0, metavar="SHARE",
                    help="toy-sd, toy-flow: share of training prompts given in another word order "
                         "(toy.render.paraphrase); 0, what ships, trains on one word order")
+    b.add_argument("--flow-reword-steps", type=int, default=0, metavar="N",
+                   help="toy-flow: a second stage of N steps with half the prompts reworded, from the saved "
+                        "toy-flow (0, what ships: none)")
+    b.add_argument("--resume-flow", action="store_true",
+                   help="toy-flow: run only the rewording stage, on the toy-flow already in --out")
     b.add_argument("--smoke", action="store_true", help="two steps of everything: a plumbing check, useless models")
     t = sub.add_parser("trim-vocab", help="shrink shipped toy models to the toy vocabulary (idempotent)")
     t.add_argument("--assets", type=Path, default=None, help="assets folder (default: the package's assets/)")
@@ -207,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             data_models = tuple(m.strip() for m in args.data_models.split(",") if m.strip())
             results = build(only, args.out or assets_dir(), args.work, args.device, args.smoke, data_models,
                             args.resume_sd, args.data_prompts, args.candidates, args.sd_cycles, args.sd_variant,
-                            args.reworded)
+                            args.reworded, args.flow_reword_steps, args.resume_flow)
             print(json.dumps(results, indent=2))
         elif args.command == "trim-vocab":
             for name in ("toy-sd", "toy-flow", "toy-reward", "toy-judge"):

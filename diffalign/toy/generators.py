@@ -53,6 +53,13 @@ class GeneratorSpec:
     # so the model learns that word order does not change the meaning. 0 ships: the generators
     # see one word order, which a paraphrased caption (DCPO-p) then reads as new text.
     reworded: float = 0.0
+    # An optional second stage for toy-flow (0: the shipped recipe has none): continue the saved
+    # toy-flow for this many steps with half its prompts reworded, at a lower peak lr. Unlike
+    # `reworded` from the start, which left a weaker model at the same 700 steps, it keeps what
+    # the first stage learnt (docs/benchmarks.md, "DCPO in the toy world", session 11).
+    flow_reword_steps: int = 0
+    flow_reword_lr: float = 3e-4
+    flow_reword_share: float = 0.5
 
 
 def clipped_step(loss: torch.Tensor, params: list, optimiser, schedule) -> None:
@@ -366,6 +373,55 @@ def train_toy_flow(out_dir: Path, vae_dir: Path, tokenizer_dir: Path, spec: Gene
     metrics = {"train_seconds": round(time.time() - start, 1), "final_loss": round(loss.item(), 4),
                "transformer_params": sum(p.numel() for p in transformer.parameters())}
     log(f"[toy-flow] saved to {out_dir}: {metrics}")
+    return metrics
+
+
+def reword_toy_flow(model_dir: Path, work: Path, spec: GeneratorSpec, device: torch.device, log=print) -> dict:
+    """toy-flow's rewording stage: load the saved toy-flow from `model_dir` (fp16 weights, toy
+    vocabulary), train its text encoders and transformer `spec.flow_reword_steps` more steps on
+    batches where `spec.flow_reword_share` of the prompts are reworded, save it back."""
+    import shutil
+    from dataclasses import replace
+
+    from diffalign.toy.preference_data import load_toy_pipeline
+
+    start = time.time()
+    pipe = load_toy_pipeline(model_dir, device).to(torch.float32)
+    te1, te2, transformer, vae = pipe.text_encoder, pipe.text_encoder_2, pipe.transformer, pipe.vae
+    vae.requires_grad_(False).eval()
+    for module in (te1, te2, transformer):
+        module.train()
+    params = [p for m in (te1, te2, transformer) for p in m.parameters()]
+    steps, lr = spec.flow_reword_steps, spec.flow_reword_lr
+    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps, pct_start=0.05)
+    # batches and noise of their own (seed offset 5), not a replay of the first stage's
+    batches = generator_batches(replace(spec, reworded=spec.flow_reword_share), vae, device,
+                                shift=vae.config.shift_factor, seed_offset=5)
+    gen = torch.Generator().manual_seed(spec.seed + 511)
+    for step in tqdm(range(steps), desc="reword toy-flow", mininterval=5):
+        x0, prompts = next(batches)
+        cond, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, device=device, do_classifier_free_guidance=False)
+        sigma = torch.sigmoid(torch.randn(len(x0), generator=gen)).to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        s = sigma.view(-1, 1, 1, 1)
+        pred = transformer(hidden_states=(1 - s) * x0 + s * noise, timestep=sigma * 1000, encoder_hidden_states=cond,
+                           pooled_projections=pooled).sample
+        loss = F.mse_loss(pred, noise - x0)
+        clipped_step(loss, params, optimiser, schedule)
+        if log_every(step, steps):
+            log(f"[toy-flow reword] step {step} loss {loss.item():.4f}")
+    for module in (te1, te2, transformer):
+        module.eval()
+    # save_pipeline_fp16 replaces the tokenizer folders with a copy of tokenizer_dir: keep the
+    # model's own (trimmed) tokenizer outside model_dir while it does
+    tokenizer_copy = work / "toy-flow-tokenizer"
+    shutil.rmtree(tokenizer_copy, ignore_errors=True)
+    shutil.copytree(model_dir / "tokenizer", tokenizer_copy)
+    save_pipeline_fp16(pipe.to("cpu"), model_dir, tokenizer_copy)
+    metrics = {"reword_seconds": round(time.time() - start, 1), "reword_final_loss": round(loss.item(), 4),
+               "reword_steps": steps}
+    log(f"[toy-flow] rewording stage saved to {model_dir}: {metrics}")
     return metrics
 
 
