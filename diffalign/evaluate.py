@@ -423,7 +423,8 @@ def evaluate(model: Any, baseline: Any, prompts: list[str] | str, rewards: Any, 
     baseline_images = read_cached_baseline(cache_file, len(all_prompts)) if cache_file else None
     baseline_source = f"cache {cache_file}" if baseline_images is not None else "drawn"
     if verbose and baseline_images is not None:
-        print(f"baseline images read from the cache {cache_file} (--no-baseline-cache draws them again)")
+        print(f"baseline images read from the cache {cache_file} (to draw them again: diffalign eval "
+              "--no-baseline-cache, diffalign train --no-eval-baseline-cache)")
     base_pipe = None
     if baseline_images is None:
         base_pipe = load_pipeline(base_model, torch_device, torch_dtype)
