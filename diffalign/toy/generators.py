@@ -335,6 +335,18 @@ def build_flow_parts(tokenizer_dir: Path, seed: int):
     return tokenizer, text_encoder_1, text_encoder_2, transformer, scheduler
 
 
+def flow_matching_loss(pipe, x0: torch.Tensor, prompts: list[str], gen: torch.Generator, device) -> torch.Tensor:
+    """toy-flow's training loss: logit-normal sigmas (SD3), x_t = (1 - s) x0 + s noise, velocity
+    target noise - x0, conditioned through the pipeline's own encoder (exactly what inference sees)."""
+    cond, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, device=device, do_classifier_free_guidance=False)
+    sigma = torch.sigmoid(torch.randn(len(x0), generator=gen)).to(device)
+    noise = torch.randn(x0.shape, generator=gen).to(device)
+    s = sigma.view(-1, 1, 1, 1)
+    pred = pipe.transformer(hidden_states=(1 - s) * x0 + s * noise, timestep=sigma * 1000, encoder_hidden_states=cond,
+                            pooled_projections=pooled).sample
+    return F.mse_loss(pred, noise - x0)
+
+
 def train_toy_flow(out_dir: Path, vae_dir: Path, tokenizer_dir: Path, spec: GeneratorSpec, device: torch.device, log=print) -> dict:
     from diffusers import StableDiffusion3Pipeline
 
@@ -354,15 +366,7 @@ def train_toy_flow(out_dir: Path, vae_dir: Path, tokenizer_dir: Path, spec: Gene
     gen = torch.Generator().manual_seed(spec.seed + 11)
     for step in tqdm(range(spec.flow_steps), desc="train toy-flow", mininterval=5):
         x0, prompts = next(batches)
-        # the pipeline's own encoder, so training sees exactly the inference conditioning
-        cond, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, device=device, do_classifier_free_guidance=False)
-        # logit-normal sigmas (SD3), x_t = (1 - s) x0 + s noise, velocity target noise - x0
-        sigma = torch.sigmoid(torch.randn(len(x0), generator=gen)).to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        s = sigma.view(-1, 1, 1, 1)
-        xt = (1 - s) * x0 + s * noise
-        pred = transformer(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=cond, pooled_projections=pooled).sample
-        loss = F.mse_loss(pred, noise - x0)
+        loss = flow_matching_loss(pipe, x0, prompts, gen, device)
         clipped_step(loss, params, optimiser, schedule)
         if log_every(step, spec.flow_steps):
             log(f"[toy-flow] step {step} loss {loss.item():.4f}")
@@ -401,13 +405,7 @@ def reword_toy_flow(model_dir: Path, work: Path, spec: GeneratorSpec, device: to
     gen = torch.Generator().manual_seed(spec.seed + 511)
     for step in tqdm(range(steps), desc="reword toy-flow", mininterval=5):
         x0, prompts = next(batches)
-        cond, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, device=device, do_classifier_free_guidance=False)
-        sigma = torch.sigmoid(torch.randn(len(x0), generator=gen)).to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        s = sigma.view(-1, 1, 1, 1)
-        pred = transformer(hidden_states=(1 - s) * x0 + s * noise, timestep=sigma * 1000, encoder_hidden_states=cond,
-                           pooled_projections=pooled).sample
-        loss = F.mse_loss(pred, noise - x0)
+        loss = flow_matching_loss(pipe, x0, prompts, gen, device)
         clipped_step(loss, params, optimiser, schedule)
         if log_every(step, steps):
             log(f"[toy-flow reword] step {step} loss {loss.item():.4f}")
