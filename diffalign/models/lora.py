@@ -252,6 +252,17 @@ def _xformers_imports() -> bool:
     return True
 
 
+def _xformers_runtime_hint() -> str:
+    # The PyPI xformers wheels (0.0.35) link CUDA 12's runtime (libcudart.so.12). Beside a CUDA 13
+    # torch that library is missing, xformers' kernels fail to load and it reports "wasn't built
+    # with CUDA support"; CUDA 12's runtime wheel makes them load (checked on an H100, torch 2.11+cu130).
+    if (torch.version.cuda or "").split(".")[0] not in ("", "12"):
+        return ("; the PyPI xformers wheel needs CUDA 12's runtime beside this CUDA "
+                f"{torch.version.cuda} torch: pip install nvidia-cuda-runtime-cu12 and put its "
+                "nvidia/cuda_runtime/lib folder on LD_LIBRARY_PATH")
+    return ""
+
+
 def set_attention(denoiser: nn.Module, mode: str = "auto") -> str:
     """Choose the attention kernels; return "xformers" or "sdpa" (the one that runs).
 
@@ -271,7 +282,8 @@ def set_attention(denoiser: nn.Module, mode: str = "auto") -> str:
             model.enable_xformers_memory_efficient_attention()
             return "xformers"
         except Exception as exc:  # e.g. a wheel built without CUDA kernels: its probe call fails
-            warnings.warn(f"xformers imports but cannot run here ({str(exc).splitlines()[0]}); using PyTorch SDPA", stacklevel=2)
+            warnings.warn(f"xformers imports but cannot run here ({str(exc).splitlines()[0]}); using PyTorch SDPA"
+                          f"{_xformers_runtime_hint()}", stacklevel=2)
             return "sdpa"
     if mode == "xformers":
         if not on_cuda:
@@ -283,7 +295,7 @@ def set_attention(denoiser: nn.Module, mode: str = "auto") -> str:
         except Exception as exc:
             raise DiffalignError(
                 f"xformers cannot run on this GPU/torch ({str(exc).splitlines()[0]}): install a CUDA build matching "
-                "your torch, or use --attention sdpa"
+                f"your torch, or use --attention sdpa{_xformers_runtime_hint()}"
             ) from None
         return "xformers"
     # Nothing to switch: a freshly loaded diffusers model already runs SDPA (AttnProcessor2_0,

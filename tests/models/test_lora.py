@@ -139,3 +139,12 @@ def test_attention_selection_on_cpu():
         set_attention(adapter.denoiser, "xformers")
     with pytest.raises(DiffalignError, match="unknown attention"):
         set_attention(adapter.denoiser, "flash")
+
+
+@pytest.mark.parametrize("cuda, names_fix", [("13.0", True), ("12.8", False), (None, False)])
+def test_xformers_failure_names_the_cuda12_runtime_only_beside_another_cuda(monkeypatch, cuda, names_fix):
+    from diffalign.models import lora
+
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    hint = lora._xformers_runtime_hint()
+    assert ("nvidia-cuda-runtime-cu12" in hint and "13.0" in hint) if names_fix else hint == ""
