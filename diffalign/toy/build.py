@@ -32,6 +32,10 @@ BUILDERS = ("toy-reward", "toy-judge", "vae", "toy-sd", "toy-flow", "toy-data")
 # ranked lists). 15,552 samples: minutes on a GPU, about 1.7 hours on a 2-core CPU.
 DATA_PROMPTS = None  # all 972
 CANDIDATES = 8
+# DCPO-p's loser caption per generator (preference_data.loser_caption): on toy-flow the prompt
+# reworded wins more than the caption rules' one-word change, on toy-sd the reverse
+# (docs/benchmarks.md, "DCPO in the toy world").
+LOSER_CAPTIONS = {"toy-sd": "perturb", "toy-flow": "paraphrase"}
 
 
 def tokenizer_dir(work: Path) -> Path:
@@ -103,7 +107,7 @@ def run_builder(name: str, out: Path, work: Path, device: torch.device, smoke: b
     return {
         model: preference_data.build_preference_data(out / model, rewards["toy-reward"], rewards["toy-judge"], data / model,
                                                      device, prompts_per_model[model], heldout_prompts,
-                                                     candidates or CANDIDATES)
+                                                     candidates or CANDIDATES, LOSER_CAPTIONS[model])
         for model in data_models
     }
 

@@ -8,10 +8,13 @@ Written for each base model under assets/toy-data/<model>/:
 - pairs.parquet: the Pick-a-Pic v2 schema (caption, jpg_0, jpg_1, label_0, label_1): best vs
   worst of each list, label_0 = 1 (the winner is always jpg_0), plus Pick-Double Caption's
   caption_0/caption_1 for DCPO (one file, so the images are stored once), made as DCPO-p makes
-  them: the winner keeps the prompt, the loser gets the prompt with one word changed by
-  diffalign.captions' rules (`python -m diffalign.captions --strategy perturb --strength weak`,
-  seed 0). Captions that describe the loser instead cost DCPO its gain in the toy world, where
-  every description is itself a prompt to follow (docs/benchmarks.md, "DCPO in the toy world").
+  them: the winner keeps the prompt, the loser gets the prompt perturbed (`loser_caption`).
+  toy-sd: one word changed by diffalign.captions' rules (`python -m diffalign.captions
+  --strategy perturb --strength weak`, seed 0). toy-flow: the prompt reworded, the toy stand-in
+  for DCPO-p's paraphrasing model (toy.render.paraphrase), which wins more there than the
+  one-word change. Captions that describe the loser instead cost DCPO its gain in the toy world,
+  where every description is itself a prompt to follow (docs/benchmarks.md, "DCPO in the toy
+  world").
 - stats.json: settings, sizes, toy-reward/toy-judge agreement and base-model accuracy.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -28,13 +32,23 @@ from tqdm.auto import tqdm
 
 from diffalign.captions import perturb_text
 from diffalign.toy import clip_reward
-from diffalign.toy.render import ATTRIBUTES, VALUES, Scene, all_scenes, split_prompts
+from diffalign.toy.render import ATTRIBUTES, VALUES, Scene, all_scenes, paraphrase, parse_prompt, split_prompts
 
 K = 4
 HELDOUT_IMAGES = 2  # per held-out prompt, for the base model's prompt-following numbers
 STEPS = 20
 GUIDANCE = 4.0
 SEED_BASE = 7_000_000
+
+
+def loser_caption(prompt: str, strategy: str) -> str:
+    """DCPO-p's loser caption for a toy prompt: 'perturb' (the caption rules' one-word change) or
+    'paraphrase' (another word order of the same scene, drawn from a stream seeded by the prompt)."""
+    if strategy == "paraphrase":
+        return paraphrase(parse_prompt(prompt), random.Random(f"0:{prompt}"))
+    if strategy == "perturb":
+        return perturb_text(prompt, "weak", seed=0)
+    raise ValueError(f"unknown loser caption strategy {strategy!r}: use 'perturb' or 'paraphrase'")
 
 
 def image_seed(prompt_index: int, k: int) -> int:
@@ -129,7 +143,7 @@ def ranked_subset(candidates: int, k: int = K) -> list[int]:
 
 def build_preference_data(model_dir: Path, reward_dir: Path, judge_dir: Path, out_dir: Path, device: torch.device,
                           num_prompts: int | None = None, heldout_prompts: int | None = None,
-                          candidates: int = K, log=print) -> dict:
+                          candidates: int = K, loser_captions: str = "perturb", log=print) -> dict:
     start = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe = load_toy_pipeline(model_dir, device)
@@ -168,11 +182,11 @@ def build_preference_data(model_dir: Path, reward_dir: Path, judge_dir: Path, ou
 
     # Pick-a-Pic v2 pairs (best against worst), with DCPO's per-image captions alongside as in
     # Pick-Double Caption: DPO, MaPO and SFT read the prompt, DCPO caption_0/caption_1.
-    loser_captions = [perturb_text(prompt, "weak", seed=0) for prompt in ranked["caption"]]
     write_parquet(out_dir / "pairs.parquet", {
         "caption": ranked["caption"], "jpg_0": ranked["jpg_0"], "jpg_1": ranked[f"jpg_{K - 1}"],
         "label_0": [1.0] * len(scenes), "label_1": [0.0] * len(scenes),
-        "caption_0": ranked["caption"], "caption_1": loser_captions,
+        "caption_0": ranked["caption"],
+        "caption_1": [loser_caption(prompt, loser_captions) for prompt in ranked["caption"]],
     })
 
     # how good is the base model, judged independently, on held-out prompts
@@ -186,6 +200,7 @@ def build_preference_data(model_dir: Path, reward_dir: Path, judge_dir: Path, ou
         "images_per_prompt": K,
         "candidates_per_prompt": C,
         "num_pairs": len(scenes),
+        "loser_captions": loser_captions,  # caption_1 in pairs.parquet: loser_caption's strategy
         "sampling": {"steps": STEPS, "guidance_scale": GUIDANCE, "seed": f"{SEED_BASE} + 16 * prompt_index + k"},
         "judge_agrees_on_pairs": round((judge_scores[:, 0] > judge_scores[:, K - 1]).float().mean().item(), 4),
         "judge_reward_pairwise_agreement": round(pairwise_agreement(all_reward, all_judge), 4),
