@@ -34,7 +34,7 @@ DATA_PROMPTS = None  # all 972
 CANDIDATES = 8
 # DCPO-p's loser caption per generator (preference_data.loser_caption): on toy-flow the prompt
 # reworded wins more than the caption rules' one-word change, on toy-sd the reverse
-# (docs/benchmarks.md, "DCPO in the toy world").
+# (docs/benchmarks.md, "DCPO in the toy world"). Any other generator folder gets the rules'.
 LOSER_CAPTIONS = {"toy-sd": "perturb", "toy-flow": "paraphrase"}
 
 
@@ -107,7 +107,7 @@ def run_builder(name: str, out: Path, work: Path, device: torch.device, smoke: b
     return {
         model: preference_data.build_preference_data(out / model, rewards["toy-reward"], rewards["toy-judge"], data / model,
                                                      device, prompts_per_model[model], heldout_prompts,
-                                                     candidates or CANDIDATES, LOSER_CAPTIONS[model])
+                                                     candidates or CANDIDATES, LOSER_CAPTIONS.get(model, "perturb"))
         for model in data_models
     }
 

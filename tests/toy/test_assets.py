@@ -111,6 +111,29 @@ def test_preference_data_loads_and_is_ranked(model):
     assert stats["loser_captions"] == LOSER_CAPTIONS[model]  # what the builder writes today
 
 
+
+def test_the_data_builder_reproduces_the_shipped_first_row_with_the_chosen_loser_captions(tmp_path):
+    import pyarrow.parquet as pq
+
+    from diffalign.toy.preference_data import build_preference_data
+
+    # two prompts, best vs worst of 8 as shipped: about 15 s on the CPU
+    stats = build_preference_data(asset("toy-flow"), asset("toy-reward"), asset("toy-judge"), tmp_path,
+                                  torch.device("cpu"), num_prompts=2, heldout_prompts=1, candidates=8,
+                                  loser_captions="paraphrase", log=lambda *args: None)
+    ranked = pq.read_table(tmp_path / "ranked.parquet").to_pylist()
+    pairs = pq.read_table(tmp_path / "pairs.parquet").to_pylist()
+    assert stats["loser_captions"] == "paraphrase" and stats["num_pairs"] == len(pairs) == len(ranked) == 2
+    assert all(r["caption_1"] == loser_caption(r["caption"], "paraphrase") != r["caption"] for r in pairs)
+    assert all(p["jpg_0"] == r["jpg_0"] and p["jpg_1"] == r["jpg_3"] for p, r in zip(pairs, ranked))
+    # the same prompt, seeds and models as the shipped file: the same toy-reward scores, up to
+    # float rounding between thread counts
+    shipped = pq.read_table(asset("toy-data") / "toy-flow" / "ranked.parquet").slice(0, 1).to_pylist()[0]
+    assert ranked[0]["caption"] == shipped["caption"]
+    assert [ranked[0][f"label_{k}"] for k in range(4)] == pytest.approx([shipped[f"label_{k}"] for k in range(4)], abs=0.05)
+    with pytest.raises(ValueError, match="unknown loser caption strategy"):
+        loser_caption(ranked[0]["caption"], "describe")
+
 def test_diffalign_eval_cli_on_toy_sd(tmp_path):
     from diffalign.cli import main
 
