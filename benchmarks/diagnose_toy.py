@@ -308,7 +308,8 @@ def dcpo_captions(args) -> None:
     import pandas as pd
 
     from diffalign.paths import asset
-    from diffalign.toy.render import paraphrase, parse_prompt, perturb
+    from diffalign.toy.preference_data import loser_caption
+    from diffalign.toy.render import parse_prompt, perturb
 
     path = Path(args.pairs) if args.pairs else asset("toy-data") / args.model / "pairs.parquet"
     if not path.is_file():
@@ -317,10 +318,12 @@ def dcpo_captions(args) -> None:
     prompts = pairs["caption"].tolist()
     if args.captions == "same":
         pairs["caption_0"], pairs["caption_1"] = prompts, prompts
-    elif args.captions in ("paraphrase", "edit"):  # the winner keeps the prompt; the loser's is changed
-        change = {"paraphrase": paraphrase, "edit": lambda scene, rng: perturb(scene, rng).prompt}[args.captions]
+    elif args.captions == "paraphrase":  # what toy-flow's shipped caption_1 is (seed 0)
         pairs["caption_0"] = prompts
-        pairs["caption_1"] = [change(parse_prompt(p), random.Random(f"{args.seed}:{p}")) for p in prompts]
+        pairs["caption_1"] = [loser_caption(p, "paraphrase", seed=args.seed) for p in prompts]
+    elif args.captions == "edit":  # the winner keeps the prompt; the loser's gets one attribute changed
+        pairs["caption_0"] = prompts
+        pairs["caption_1"] = [perturb(parse_prompt(p), random.Random(f"{args.seed}:{p}")).prompt for p in prompts]
     else:
         for column in ("0", "1"):
             images01 = png_tensors(pairs[f"jpg_{column}"]).float() / 255

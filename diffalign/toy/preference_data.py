@@ -41,13 +41,13 @@ GUIDANCE = 4.0
 SEED_BASE = 7_000_000
 
 
-def loser_caption(prompt: str, strategy: str) -> str:
+def loser_caption(prompt: str, strategy: str, seed: int = 0) -> str:
     """DCPO-p's loser caption for a toy prompt: 'perturb' (the caption rules' one-word change) or
     'paraphrase' (another word order of the same scene, drawn from a stream seeded by the prompt)."""
     if strategy == "paraphrase":
-        return paraphrase(parse_prompt(prompt), random.Random(f"0:{prompt}"))
+        return paraphrase(parse_prompt(prompt), random.Random(f"{seed}:{prompt}"))
     if strategy == "perturb":
-        return perturb_text(prompt, "weak", seed=0)
+        return perturb_text(prompt, "weak", seed=seed)
     raise ValueError(f"unknown loser caption strategy {strategy!r}: use 'perturb' or 'paraphrase'")
 
 

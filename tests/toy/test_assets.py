@@ -111,7 +111,6 @@ def test_preference_data_loads_and_is_ranked(model):
     assert stats["loser_captions"] == LOSER_CAPTIONS[model]  # what the builder writes today
 
 
-
 def test_the_data_builder_reproduces_the_shipped_first_row_with_the_chosen_loser_captions(tmp_path):
     import pyarrow.parquet as pq
 
@@ -133,6 +132,7 @@ def test_the_data_builder_reproduces_the_shipped_first_row_with_the_chosen_loser
     assert [ranked[0][f"label_{k}"] for k in range(4)] == pytest.approx([shipped[f"label_{k}"] for k in range(4)], abs=0.05)
     with pytest.raises(ValueError, match="unknown loser caption strategy"):
         loser_caption(ranked[0]["caption"], "describe")
+
 
 def test_diffalign_eval_cli_on_toy_sd(tmp_path):
     from diffalign.cli import main
