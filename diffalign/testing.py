@@ -1,8 +1,10 @@
 """Tiny random diffusers pipelines for tests, one per supported family.
 
-Every component is built from a config after `torch.manual_seed(seed)`, at the sizes diffusers
-uses in its own pipeline tests (`get_dummy_components`), so a whole pipeline builds in well under
-a second and runs on the CPU. Nothing touches the model hub:
+Each family file (diffalign/models/<family>.py) builds its own tiny pipeline (`tiny_pipeline`,
+`TINY_RESOLUTION`, `TINY_VARIANTS`) from the shared tiny parts here. Every component is built
+from a config after `torch.manual_seed(seed)`, at the sizes diffusers uses in its own pipeline
+tests (`get_dummy_components`), so a whole pipeline builds in well under a second and runs on
+the CPU. Nothing touches the model hub:
 
 - CLIP tokenizers are CLIP's real BPE (from `diffalign.rewards.clip_tokenizer`, offline) cut
   to its first 1000 merges: 1514 tokens, so they load fast and the text encoders stay tiny.
@@ -26,22 +28,16 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("sd", "sdxl", "sd3", "flux", "pixart")
+from diffalign.models import FAMILIES, family_module
 
-# Pixel resolution the tiny pipelines are meant for (latent = pixels / vae scale factor).
-TINY_RESOLUTION = {"sd": 32, "sdxl": 32, "sd3": 32, "flux": 32, "pixart": 16}
+# Pixel resolution each family's tiny pipeline is meant for (latent = pixels / vae scale factor),
+# read from the family files.
+TINY_RESOLUTION: dict[str, int] = {family: family_module(family).TINY_RESOLUTION for family in FAMILIES}
 
-# Named variants covering every code path of the adapters: id -> (family, tiny_pipeline options).
+# Named variants covering every code path of the adapters: id -> (family, tiny_pipeline options),
+# gathered from each family file's TINY_VARIANTS (tests parametrise over them).
 TINY_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "sd-eps": ("sd", {}),
-    "sd-v": ("sd", {"prediction_type": "v_prediction"}),
-    "sdxl": ("sdxl", {}),
-    "sd3": ("sd3", {}),
-    "sd3-no-t5": ("sd3", {"with_t5": False}),
-    "flux": ("flux", {}),
-    "flux-guidance": ("flux", {"guidance_embeds": True}),
-    "pixart-sigma": ("pixart", {}),
-    "pixart-alpha-eps-microcond": ("pixart", {"alpha": True, "learn_sigma": False, "use_additional_conditions": True}),
+    name: (family, options) for family in FAMILIES for name, options in family_module(family).TINY_VARIANTS.items()
 }
 
 # The tiny pipelines use CLIP's BPE truncated to its first TINY_MERGES merges: the same
@@ -158,197 +154,21 @@ def tiny_vae(latent_channels: int = 4, depth: int = 2, shift_factor: float | Non
     ).eval()
 
 
-def _sd_components(prediction_type: str = "epsilon", **_: Any) -> dict:
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-
-    unet = UNet2DConditionModel(
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=8,
-        attention_head_dim=2,
-        norm_num_groups=2,
-    )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
-    )
-    return {
-        "unet": unet,
-        "scheduler": scheduler,
-        "vae": tiny_vae(),
-        "text_encoder": tiny_clip_text_encoder(hidden_size=8, projection_dim=8),
-        "tokenizer": tiny_clip_tokenizer(),
-        "safety_checker": None,
-        "feature_extractor": None,
-        "image_encoder": None,
-        "requires_safety_checker": False,
-    }
-
-
-def _sdxl_components(prediction_type: str = "epsilon", **_: Any) -> dict:
-    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
-
-    # cross_attention_dim = 16 + 16 (both encoders' hidden states concatenated);
-    # projection_class_embeddings_input_dim = 6 time ids * 8 + pooled 16.
-    unet = UNet2DConditionModel(
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 1),
-        projection_class_embeddings_input_dim=6 * 8 + 16,
-        cross_attention_dim=32,
-        norm_num_groups=2,
-    )
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading",
-        steps_offset=1, prediction_type=prediction_type,
-    )
-    return {
-        "unet": unet,
-        "scheduler": scheduler,
-        "vae": tiny_vae(scaling_factor=0.13025),
-        "text_encoder": tiny_clip_text_encoder(hidden_size=16, projection_dim=16),
-        "tokenizer": tiny_clip_tokenizer(),
-        "text_encoder_2": tiny_clip_text_encoder(hidden_size=16, projection_dim=16, with_projection=True),
-        "tokenizer_2": tiny_clip_tokenizer(),
-        "image_encoder": None,
-        "feature_extractor": None,
-    }
-
-
-def _sd3_components(with_t5: bool = True, **_: Any) -> dict:
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-
-    # Token features: CLIP hidden 16 + 16 concatenated = 32 = T5 d_model = joint_attention_dim;
-    # pooled: projection 16 + 16 = pooled_projection_dim 32.
-    transformer = SD3Transformer2DModel(
-        sample_size=16,
-        patch_size=1,
-        in_channels=4,
-        num_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=4,
-        caption_projection_dim=32,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        out_channels=4,
-    )
-    return {
-        "transformer": transformer,
-        "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
-        "vae": tiny_vae(shift_factor=0.0609, scaling_factor=1.5035),
-        "text_encoder": tiny_clip_text_encoder(16, 16, with_projection=True),
-        "tokenizer": tiny_clip_tokenizer(),
-        "text_encoder_2": tiny_clip_text_encoder(16, 16, with_projection=True),
-        "tokenizer_2": tiny_clip_tokenizer(),
-        "text_encoder_3": tiny_t5_encoder(32) if with_t5 else None,
-        "tokenizer_3": tiny_clip_tokenizer() if with_t5 else None,
-        "image_encoder": None,
-        "feature_extractor": None,
-    }
-
-
-def _flux_components(guidance_embeds: bool = False, **_: Any) -> dict:
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-
-    # in_channels = 4 latent channels * 2x2 packing; rope axes sum to attention_head_dim.
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        guidance_embeds=guidance_embeds,
-        axes_dims_rope=(4, 4, 8),
-    )
-    return {
-        "transformer": transformer,
-        "scheduler": FlowMatchEulerDiscreteScheduler(),
-        "vae": tiny_vae(shift_factor=0.1159, scaling_factor=0.3611),
-        "text_encoder": tiny_clip_text_encoder(32, 32),
-        "tokenizer": tiny_clip_tokenizer(),
-        "text_encoder_2": tiny_t5_encoder(32),
-        "tokenizer_2": tiny_clip_tokenizer(),
-        "image_encoder": None,
-        "feature_extractor": None,
-    }
-
-
-def _pixart_components(learn_sigma: bool = True, use_additional_conditions: bool | None = None, **_: Any) -> dict:
-    from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
-
-    transformer = PixArtTransformer2DModel(
-        sample_size=8,
-        num_layers=1,
-        patch_size=2,
-        attention_head_dim=8,
-        num_attention_heads=3,
-        caption_channels=32,  # T5 d_model
-        in_channels=4,
-        cross_attention_dim=24,
-        out_channels=8 if learn_sigma else 4,
-        attention_bias=True,
-        activation_fn="gelu-approximate",
-        num_embeds_ada_norm=1000,
-        norm_type="ada_norm_single",
-        norm_elementwise_affine=False,
-        norm_eps=1e-6,
-        use_additional_conditions=use_additional_conditions,
-    )
-    return {
-        "transformer": transformer,
-        "scheduler": DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02),
-        "vae": tiny_vae(),
-        "text_encoder": tiny_t5_encoder(32),
-        "tokenizer": tiny_clip_tokenizer(),
-    }
-
-
-_BUILDERS = {
-    "sd": ("StableDiffusionPipeline", _sd_components),
-    "sdxl": ("StableDiffusionXLPipeline", _sdxl_components),
-    "sd3": ("StableDiffusion3Pipeline", _sd3_components),
-    "flux": ("FluxPipeline", _flux_components),
-    "pixart": ("PixArtSigmaPipeline", _pixart_components),
-}
-
-
 def tiny_pipeline(family: str, seed: int = 0, **kw: Any):
-    """A tiny random pipeline of `family` (one of FAMILIES), in float32 on the CPU.
+    """A tiny random pipeline of `family` (one of FAMILIES), in float32 on the CPU: the family
+    file's `tiny_pipeline(**kw)` after `torch.manual_seed(seed)`.
 
     Options: sd/sdxl `prediction_type="epsilon"|"v_prediction"`; sd3 `with_t5=False` (no
     text_encoder_3, as SD3 allows); flux `guidance_embeds=True` (FLUX.1-dev style); pixart
     `learn_sigma=False`, `use_additional_conditions=True` (PixArt-alpha 1024 micro-conditions),
-    `alpha=True` (PixArtAlphaPipeline instead of Sigma).
+    `alpha=True` (PixArt-alpha's pipeline instead of PixArt-sigma's).
     """
-    import diffusers
-
     from diffalign.errors import DiffalignError
 
-    if family not in _BUILDERS:
+    if family not in FAMILIES:
         raise DiffalignError(f"unknown tiny family {family!r}: choose one of {', '.join(FAMILIES)}")
-    class_name, build = _BUILDERS[family]
-    if family == "pixart" and kw.pop("alpha", False):
-        class_name = "PixArtAlphaPipeline"
     torch.manual_seed(seed)
-    components = build(**kw)
-    return getattr(diffusers, class_name)(**components)
+    return family_module(family).tiny_pipeline(**kw)
 
 
 def save_tiny_pipeline(family: str, out_dir: str | Path, seed: int = 0, **kw: Any) -> Path:

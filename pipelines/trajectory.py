@@ -3,7 +3,8 @@
 `RewardTrajectoryCallback` is a `callback_on_step_end` for any diffusers pipeline. The callback
 alone only sees the latents *after* a scheduler step, which do not determine x0; so while
 attached it also wraps `pipe.scheduler.step` to keep that step's inputs (the guided model
-output, the timestep and the sample) and computes x0 from them exactly:
+output, the timestep and the sample) and computes x0 from them exactly
+(`diffalign.sampler.predicted_x0`):
 
 - DDPM family (x-space samples, `alphas_cumprod`), abar = alphas_cumprod[t]:
   epsilon: x0 = (x - sqrt(1 - abar) eps) / sqrt(abar);  v: x0 = sqrt(abar) x - sqrt(1 - abar) v
@@ -21,57 +22,7 @@ import torch
 from torch import Tensor
 
 from diffalign.errors import DiffalignError
-
-DDPM_FAMILY = {
-    "DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
-    "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
-    "LCMScheduler", "TCDScheduler", "DDIMParallelScheduler", "DDPMParallelScheduler",
-}
-SIGMA_FAMILY = {
-    "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
-    "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
-}
-
-
-def _current_sigma(scheduler: Any, timestep: Tensor | float) -> Tensor:
-    # Before the step: step_index points at this step (None until the first step initialises it).
-    index = scheduler.step_index if scheduler.step_index is not None else scheduler.index_for_timestep(timestep)
-    return scheduler.sigmas[index]
-
-
-def predicted_x0(scheduler: Any, model_output: Tensor, timestep: Tensor | float, sample: Tensor) -> Tensor:
-    """The clean-sample prediction of one scheduler step, from the step's own inputs."""
-    name = type(scheduler).__name__
-    prediction = scheduler.config.get("prediction_type", "epsilon")
-    out, x = model_output.float(), sample.float()
-    if name.startswith("FlowMatch") or prediction == "flow_prediction":
-        return x - _current_sigma(scheduler, timestep).float().to(x.device) * out
-    if name in SIGMA_FAMILY:
-        sigma = _current_sigma(scheduler, timestep).float().to(x.device)
-        if prediction == "epsilon":
-            return x - sigma * out
-        if prediction == "v_prediction":
-            return x / (sigma**2 + 1) - out * sigma / (sigma**2 + 1) ** 0.5
-    elif name in DDPM_FAMILY:
-        abar = scheduler.alphas_cumprod[int(timestep)].float().to(x.device)
-        if prediction == "epsilon":
-            return _clip_like_scheduler(scheduler, (x - (1 - abar).sqrt() * out) / abar.sqrt())
-        if prediction == "v_prediction":
-            return _clip_like_scheduler(scheduler, abar.sqrt() * x - (1 - abar).sqrt() * out)
-    else:
-        known = ", ".join(sorted(DDPM_FAMILY | SIGMA_FAMILY)) + ", FlowMatch*"
-        raise DiffalignError(f"scheduler {name} is not supported for x0 prediction: use one of {known}")
-    if prediction == "sample":
-        return out
-    raise DiffalignError(f"prediction_type {prediction!r} of {name} is not supported: use epsilon, v_prediction or sample")
-
-
-def _clip_like_scheduler(scheduler: Any, x0: Tensor) -> Tensor:
-    # DDPM/DDIM clip their own x0 prediction when clip_sample is set (dynamic thresholding is not mirrored).
-    if scheduler.config.get("clip_sample", False):
-        limit = scheduler.config.get("clip_sample_range", 1.0)
-        return x0.clamp(-limit, limit)
-    return x0
+from diffalign.sampler import predicted_x0  # the x0 maths lives with the sampler
 
 
 def decode_latents(pipe: Any, latents: Tensor) -> Tensor:

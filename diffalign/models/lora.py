@@ -7,9 +7,10 @@
   its adapters disabled (no second copy, as in Diffusion-DPO's LoRA scripts); for full
   fine-tuning, a `frozen_copy(denoiser)` made once at start (optionally kept on the CPU and
   moved in only while it runs, as the official SDXL DPO script offloads its reference).
-- `save_lora(denoiser, out_dir, family)` writes `pytorch_lora_weights.safetensors` that loads
-  with `pipe.load_lora_weights(out_dir)`. PixArt has no diffusers LoRA loader (neither the
-  pipelines nor PixArtTransformer2DModel), so its LoRA is written in peft's own format
+- `save_lora(denoiser, out_dir, family)` asks the family file's `save_lora_weights`: most write
+  `pytorch_lora_weights.safetensors` that loads with `pipe.load_lora_weights(out_dir)`. PixArt
+  has no diffusers LoRA loader (neither the pipelines nor PixArtTransformer2DModel), so its
+  LoRA is written in peft's own format
   (adapter_config.json + adapter_model.safetensors): `load_lora(pipe.transformer, out_dir)`
   loads it in place, `peft.PeftModel.from_pretrained(pipe.transformer, out_dir)` wraps it.
 - `set_attention(denoiser, "auto"|"xformers"|"sdpa")` picks the attention kernels and returns
@@ -31,33 +32,6 @@ from diffalign.errors import DiffalignError
 
 if TYPE_CHECKING:
     from torch import nn
-
-# Default LoRA targets per family. UNets: the attention projections (diffusers' SD/SDXL DPO
-# scripts). DiTs: the attention projections of both streams plus the feed-forward layers, as
-# diffusers' SD3/FLUX DreamBooth-LoRA scripts and flow_grpo do.
-_UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
-_MMDIT_TARGETS = [
-    "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
-    "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
-    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
-]
-DEFAULT_TARGETS = {
-    "sd": _UNET_TARGETS,
-    "sdxl": _UNET_TARGETS,
-    "sd3": _MMDIT_TARGETS,
-    # FLUX single-stream blocks also have attn.to_q/k/v (matched above) and an MLP in proj_mlp.
-    "flux": _MMDIT_TARGETS + ["proj_mlp"],
-    "pixart": ["to_k", "to_q", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
-}
-
-# Pipeline class whose `save_lora_weights` writes the family's LoRA, and its keyword.
-_LORA_SAVERS = {
-    "sd": ("StableDiffusionPipeline", "unet"),
-    "sdxl": ("StableDiffusionXLPipeline", "unet"),
-    "sd3": ("StableDiffusion3Pipeline", "transformer"),
-    "flux": ("FluxPipeline", "transformer"),
-}
-
 
 def _unwrap(model: nn.Module) -> nn.Module:
     """The bare module under DDP/DeepSpeed/torch.compile wrappers (accelerate's helper)."""
@@ -83,17 +57,20 @@ def add_lora(
 ) -> list[torch.nn.Parameter]:
     """Freeze `denoiser` and add a LoRA adapter; return the trainable (LoRA) parameters.
 
-    `alpha` defaults to `rank` (scale 1). `target_modules` defaults to DEFAULT_TARGETS[family];
-    give `family` or `target_modules`. Names match a module's full name or its dotted suffix.
+    `alpha` defaults to `rank` (scale 1). `target_modules` defaults to the family's
+    `LORA_TARGETS` (diffalign/models/<family>.py); give `family` or `target_modules`. Names match
+    a module's full name or its dotted suffix.
     """
     from peft import LoraConfig
+
+    from diffalign.models import FAMILIES, family_module
 
     if rank < 1:
         raise DiffalignError(f"LoRA rank must be >= 1, got {rank}: pass --lora-rank 8 (or --full-finetune)")
     if target_modules is None:
-        if family not in DEFAULT_TARGETS:
-            raise DiffalignError(f"no default LoRA targets for family {family!r}: pass target_modules or one of {', '.join(DEFAULT_TARGETS)}")
-        target_modules = DEFAULT_TARGETS[family]
+        if family not in FAMILIES:
+            raise DiffalignError(f"no default LoRA targets for family {family!r}: pass target_modules or one of {', '.join(FAMILIES)}")
+        target_modules = family_module(family).LORA_TARGETS
     config = LoraConfig(
         r=rank,
         lora_alpha=rank if alpha is None else alpha,
@@ -173,54 +150,43 @@ def reference(denoiser: nn.Module, ref_model: nn.Module | None = None) -> Iterat
         _set_lora_enabled(policy, True)
 
 
-def lora_state_dict(denoiser: nn.Module, family: str) -> dict[str, torch.Tensor]:
-    """The LoRA weights as diffusers' training scripts save them: UNet LoRA converted to
-    diffusers' key format, transformer LoRA as the plain peft state dict."""
+def lora_state_dict(denoiser: nn.Module, diffusers_keys: bool = False) -> dict[str, torch.Tensor]:
+    """The LoRA weights as diffusers' training scripts save them: the plain peft state dict, or
+    with `diffusers_keys` converted to diffusers' key format (what UNet LoRA loaders read)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(_unwrap(denoiser))
-    state = convert_state_dict_to_diffusers(state) if family in ("sd", "sdxl") else state
+    state = convert_state_dict_to_diffusers(state) if diffusers_keys else state
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
-
-
 def save_lora(denoiser: nn.Module, out_dir: str | Path, family: str) -> Path:
-    """Write the denoiser's LoRA to `out_dir` and return the weights file.
+    """Write the denoiser's LoRA to `out_dir` with the family's saver and return the weights file.
 
     sd, sdxl, sd3, flux: `pytorch_lora_weights.safetensors`, loaded by
     `pipe.load_lora_weights(out_dir)`; the LoraConfig (rank, alpha, targets) travels in the
     file's metadata, so alpha != rank loads with the right scale. pixart: peft's format,
     loaded by `load_lora(pipe.transformer, out_dir)`.
     """
-    import diffusers
+    from diffalign.models import family_module
 
+    saver = family_module(family).save_lora_weights  # an unknown family fails before anything is written
     model = _unwrap(denoiser)
     if not has_lora(model):
         raise DiffalignError("save_lora: the denoiser has no LoRA adapter; save full weights with save_pretrained instead")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    metadata = model.peft_config["default"].to_dict()
-    if family == "pixart":
-        return _save_peft_lora(model, out)
-    if family not in _LORA_SAVERS:
-        raise DiffalignError(f"save_lora: unknown family {family!r}: use one of sd, sdxl, sd3, flux, pixart")
-    class_name, part = _LORA_SAVERS[family]
-    state = lora_state_dict(model, family)
-    getattr(diffusers, class_name).save_lora_weights(
-        str(out), **{f"{part}_lora_layers": state, f"{part}_lora_adapter_metadata": metadata}, safe_serialization=True
-    )
-    return out / "pytorch_lora_weights.safetensors"
+    return saver(model, out, model.peft_config["default"].to_dict())
 
 
-def _save_peft_lora(model: nn.Module, out: Path) -> Path:
+def save_peft_lora(model: nn.Module, out: Path) -> Path:
     """peft's own adapter format: adapter_config.json + adapter_model.safetensors, keys under
     "base_model.model." as PeftModel.save_pretrained writes them."""
     from safetensors.torch import save_file
 
     model.peft_config["default"].save_pretrained(str(out))
-    state = {"base_model.model." + k: v for k, v in lora_state_dict(model, "pixart").items()}
+    state = {"base_model.model." + k: v for k, v in lora_state_dict(model).items()}
     save_file(state, str(out / "adapter_model.safetensors"))
     return out / "adapter_model.safetensors"
 

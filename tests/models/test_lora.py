@@ -3,13 +3,17 @@
 import pytest
 import torch
 
+from diffalign import elbo
 from diffalign.errors import DiffalignError
 from diffalign.models import load_adapter
 from diffalign.models.lora import add_lora, frozen_copy, has_lora, load_lora, reference, save_lora, set_attention
 from diffalign.testing import TINY_RESOLUTION, TINY_VARIANTS
 
-# One variant per family (the LoRA code path does not depend on the other options).
-FAMILY_VARIANTS = {k: v for k, v in TINY_VARIANTS.items() if k in ("sd-eps", "sdxl", "sd3", "flux", "pixart-sigma")}
+# Each family's first variant (the LoRA code path does not depend on the other options).
+FAMILY_VARIANTS = {}
+for _name, (_family, _options) in TINY_VARIANTS.items():
+    if _family not in {family for family, _ in FAMILY_VARIANTS.values()}:
+        FAMILY_VARIANTS[_name] = (_family, _options)
 
 
 def _fresh(variant):
@@ -23,8 +27,8 @@ def _batch(adapter, n=2):
     gen = torch.Generator().manual_seed(0)
     res = TINY_RESOLUTION[adapter.family]
     x0 = adapter.encode_images(torch.rand(n, 3, res, res, generator=gen) * 2 - 1)
-    t = adapter.sample_timesteps(n, gen)
-    xt = adapter.add_noise(x0, torch.randn(x0.shape, generator=gen), t)
+    t = elbo.draw_timesteps(adapter, n, gen)
+    xt = elbo.add_noise(adapter, x0, torch.randn(x0.shape, generator=gen), t)
     return xt, t, adapter.encode_prompts(["a red cube", "two blue spheres"][:n])
 
 

@@ -24,9 +24,9 @@ def user_reward_module(monkeypatch):
     return module
 
 
-def test_cli_writes_images_history_plot_and_summary(tiny_sd, tmp_path, user_reward_module):
+def test_cli_writes_images_history_plot_and_summary(turbo_sd, tmp_path, user_reward_module):
     model_dir = tmp_path / "tiny-sd"
-    tiny_sd.save_pretrained(model_dir)
+    turbo_sd.save_pretrained(model_dir)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a blue cube\n\n")
     out = tmp_path / "out"
@@ -50,7 +50,7 @@ def test_cli_writes_images_history_plot_and_summary(tiny_sd, tmp_path, user_rewa
         # The saved latent regenerates the saved image (up to 8-bit rounding).
         latent = torch.load(folder / "latent.pt")["latent"]
         with torch.no_grad():
-            image = tiny_sd(entry["prompt"], latents=latent, num_inference_steps=1, guidance_scale=0.0,
+            image = turbo_sd(entry["prompt"], latents=latent, num_inference_steps=1, guidance_scale=0.0,
                             output_type="pt").images[0]
         saved = torch.tensor(__import__("numpy").array(Image.open(folder / "optimized.png"))).permute(2, 0, 1)
         assert (image * 255 - saved.float()).abs().max() <= 1.0

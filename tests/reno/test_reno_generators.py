@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffalign.reno_generators import build_generator
+from diffalign.sampler import build_generator
 
 # (family, tiny_pipeline options, scheduler swap, generator/pipeline settings)
 CASES = {
