@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,6 +35,7 @@ from typing import Any, Protocol
 import torch
 
 from diffalign.data import DataConfig, GroupDataset, SkipCounter, _BadImage, build_dataset, process_share
+from diffalign.edges import atomic_write_bytes, atomic_write_text, parse_dtype
 from diffalign.errors import DiffalignError
 
 CACHE_FORMAT = 1
@@ -97,18 +97,14 @@ def _shard_path(folder: Path, shard: int) -> Path:
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write to a temp file in the same folder, then rename: a shard exists only once complete."""
-    from safetensors.torch import save_file
+    """A shard exists only once complete (diffalign.edges.atomic_write_bytes)."""
+    from safetensors.torch import save
 
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
 
 
 def _write_json_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def _encode_in_batches(fn, items, batch_size: int):
@@ -222,10 +218,9 @@ class CachedDataset(torch.utils.data.Dataset):
     Item: {"latents": (K, C, h, w), "prompt", "captions" (K), "scores" (K,),
            "cond": {name: (K, ...)}        each image's caption embedding (the prompt's when the
                                             data has no per-image captions),
-           "prompt_cond": {name: (...)}    the prompt's embedding,
-           "empty_cond": {name: (1, ...)}  the empty prompt's, for caption dropout}.
-    collate_groups stacks cond to (B, K, ...) and prompt_cond to (B, ...), and passes
-    empty_cond through as (1, ...).
+           "prompt_cond": {name: (...)}    the prompt's embedding}.
+    collate_groups stacks cond to (B, K, ...) and prompt_cond to (B, ...). The empty prompt's
+    embedding, for caption dropout, is the dataset's `empty_cond` ({name: (1, ...)}).
     """
 
     def __init__(self, folder: str | Path):
@@ -291,7 +286,6 @@ class CachedDataset(torch.utils.data.Dataset):
             "scores": f.get_slice("scores")[a:b],
             "cond": rows(caption_rows),
             "prompt_cond": {k: v[0] for k, v in rows([prompt_row]).items()},
-            "empty_cond": self.empty_cond,
         }
 
 
@@ -300,10 +294,11 @@ class CachedDataset(torch.utils.data.Dataset):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="hub id or local diffusers folder")
+    parser.add_argument("--model", required=True, help="diffusers folder, hub id, or toy-sd / toy-flow")
     parser.add_argument("--dataset", required=True, help="hub id, parquet file/folder, save_to_disk folder or .jsonl")
     parser.add_argument("--output-dir", required=True, help="cache root; the cache goes to OUTPUT/<key>/")
-    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="image size the latents are encoded at (default: the model's own, as train uses)")
     parser.add_argument("--batch-size", type=int, default=8, help="images (and captions) per encoder call")
     parser.add_argument("--shard-size", type=int, default=256, help="groups per safetensors shard")
     parser.add_argument("--split", default="train")
@@ -312,8 +307,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep whole ranked lists and ties (for rankdpo); default: winner/loser pairs")
     parser.add_argument("--group-size", type=int, default=None, help="with --ranked: K images per group")
     parser.add_argument("--strict", action="store_true", help="a missing or corrupt image is fatal")
-    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
-                        help="encoder dtype (cached tensors keep it)")
+    parser.add_argument("--dtype", default="fp32", help="encoder dtype, fp32 | fp16 | bf16 (cached tensors keep it)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -323,12 +317,15 @@ def run(args: argparse.Namespace) -> int:
     from diffalign.models import load_adapter
 
     dataset_kind(args.dataset)  # a wrong path fails before the model loads
+    dtype = parse_dtype(args.dtype)
     # cpu=True on a machine without CUDA: this accelerate's launcher does not say so itself, and
     # without it several CPU processes would each believe they are alone (and encode everything).
     state = PartialState(cpu=not torch.cuda.is_available())
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     adapter = load_adapter(args.model, device=state.device, dtype=dtype)
-    cfg = DataConfig(dataset=args.dataset, split=args.split, resolution=args.resolution,
+    from diffalign.train import model_resolution
+
+    resolution = args.resolution or model_resolution(args.model)
+    cfg = DataConfig(dataset=args.dataset, split=args.split, resolution=resolution,
                      max_samples=args.max_samples, strict=args.strict, group_size=args.group_size)
     folder = build_cache(adapter, cfg, args.output_dir, model_id=args.model, pairwise=not args.ranked,
                          batch_size=args.batch_size, shard_size=args.shard_size, device=state.device,

@@ -27,7 +27,7 @@ and caption_1; JSONL pairs ({"prompt", "chosen", "rejected"}) get chosen_caption
 rejected_caption; JSONL ranked lists ({"prompt", "images", "scores"}) get "captions", every image
 but the best counting as a loser. Ties (equal labels) are captioned but not perturbed.
 
-    python -m diffalign.captions --input pairs.parquet --output pairs_dc.parquet --strategy hybrid \
+    diffalign captions --input pairs.parquet --output-file pairs_dc.parquet --strategy hybrid \
         --captioner Salesforce/blip-image-captioning-base
     diffalign label ... --captions perturb          # the same, on freshly labelled pairs
 """
@@ -39,10 +39,10 @@ import io
 import json
 import random
 import re
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from diffalign.edges import atomic_write_bytes, atomic_write_text, default_device
 from diffalign.errors import DiffalignError
 
 STRATEGIES = ("caption", "perturb", "hybrid")
@@ -129,12 +129,6 @@ def rule_perturber(strength: str = "medium", seed: int = 0) -> Callable[[list[st
 # Models: captioner and paraphraser
 
 
-def _device(device: str | None) -> str:
-    import torch
-
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def load_captioner(model: str, device: str | None = None, prompt: str | None = None,
                    max_new_tokens: int = 40, batch_size: int = 8) -> Callable[[list[Any]], list[str]]:
     """An image-to-text model as `fn(list of PIL images) -> list of captions` (greedy decoding)."""
@@ -143,7 +137,7 @@ def load_captioner(model: str, device: str | None = None, prompt: str | None = N
 
     try:
         processor = AutoProcessor.from_pretrained(model)
-        net = AutoModelForImageTextToText.from_pretrained(model).to(_device(device)).eval()
+        net = AutoModelForImageTextToText.from_pretrained(model).to(default_device(device)).eval()
     except (OSError, ValueError) as err:
         raise DiffalignError(f"cannot load captioning model {model!r} ({str(err).splitlines()[0]}): pass a hub id "
                              "or folder of an image-to-text model (HF_HUB_OFFLINE=0 to download)") from None
@@ -179,7 +173,7 @@ def load_paraphraser(model: str, device: str | None = None, prefix: str = "parap
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model)
-        net = AutoModelForSeq2SeqLM.from_pretrained(model).to(_device(device)).eval()
+        net = AutoModelForSeq2SeqLM.from_pretrained(model).to(default_device(device)).eval()
     except (OSError, ValueError) as err:
         raise DiffalignError(f"cannot load paraphrasing model {model!r} ({str(err).splitlines()[0]}): pass a hub id "
                              "or folder of a seq2seq (text2text) model, or leave --paraphraser out for the rules") from None
@@ -305,7 +299,9 @@ def caption_parquet(src: Path, dst: Path, strategy: str, **opts: Any) -> int:
     keep = [c for c in table.column_names if c not in ("caption_0", "caption_1")]
     out = table.select(keep).append_column("caption_0", pa.array([r["caption_0"] for r in records], pa.string()))
     out = out.append_column("caption_1", pa.array([r["caption_1"] for r in records], pa.string()))
-    pq.write_table(out, dst)
+    buffer = io.BytesIO()
+    pq.write_table(out, buffer)
+    atomic_write_bytes(dst, buffer.getvalue())
     return len(records)
 
 
@@ -333,47 +329,47 @@ def caption_jsonl(src: Path, dst: Path, strategy: str, *, captioner: str | Calla
     groups = [{"prompt": obj.get("prompt"), "images": images, "best": best, "base_dir": src.parent}
               for obj, images, best in rows]
     captions = dual_captions(groups, strategy, captioner=captioner, perturber=perturber)
-    with open(dst, "w", encoding="utf-8") as f:
-        for (obj, _, _), caps in zip(rows, captions):
-            if "images" in obj:
-                obj = {**obj, "captions": caps}
-            else:
-                obj = {**obj, "chosen_caption": caps[0], "rejected_caption": caps[1]}
-            f.write(json.dumps(obj) + "\n")
+    lines = []
+    for (obj, _, _), caps in zip(rows, captions):
+        if "images" in obj:
+            obj = {**obj, "captions": caps}
+        else:
+            obj = {**obj, "chosen_caption": caps[0], "rejected_caption": caps[1]}
+        lines.append(json.dumps(obj) + "\n")
+    atomic_write_text(dst, "".join(lines))
     return len(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m diffalign.captions", description=__doc__.splitlines()[0])
+# ----------------------------------------------------------------------------------------------
+# CLI: diffalign captions
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, help="Pick-a-Pic schema .parquet or .jsonl (pairs or ranked lists)")
-    parser.add_argument("--output", required=True, help="where to write the same rows with per-image captions")
+    parser.add_argument("--output-file", required=True, help="where to write the same rows with per-image captions")
     parser.add_argument("--strategy", required=True, choices=STRATEGIES)
     parser.add_argument("--captioner", default=None, help="image-to-text model (hub id or folder)")
     parser.add_argument("--caption-prompt", default=None, help="text prompt for chat-style captioners")
     parser.add_argument("--paraphraser", default=None, help="seq2seq paraphrasing model (default: rule-based)")
-    parser.add_argument("--paraphrase-prefix", default="paraphrase: ")
-    parser.add_argument("--strength", choices=tuple(STRENGTHS), default="medium")
+    parser.add_argument("--paraphrase-prefix", default="paraphrase: ", help="text put before each input of --paraphraser")
+    parser.add_argument("--perturb-strength", choices=tuple(STRENGTHS), default="medium",
+                        help="rule-based perturbation: 1, 2 or 3 word edits")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None)
-    args = parser.parse_args(argv)
-    src, dst = Path(args.input), Path(args.output)
+    parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+
+
+def run(args: argparse.Namespace) -> int:
+    src, dst = Path(args.input), Path(args.output_file)
     opts = dict(captioner=args.captioner, paraphraser=args.paraphraser, seed=args.seed, device=args.device,
-                strength=args.strength, caption_prompt=args.caption_prompt, paraphrase_prefix=args.paraphrase_prefix)
-    try:
-        if not src.is_file():
-            raise DiffalignError(f"input {src} not found: pass a .parquet or .jsonl file")
-        if src.suffix == ".parquet":
-            n = caption_parquet(src, dst, args.strategy, **opts)
-        elif src.suffix == ".jsonl":
-            n = caption_jsonl(src, dst, args.strategy, **opts)
-        else:
-            raise DiffalignError(f"input {src} is neither .parquet nor .jsonl: convert it first")
-    except DiffalignError as err:
-        print(f"diffalign.captions: error: {err}", file=sys.stderr)
-        return 2
+                strength=args.perturb_strength, caption_prompt=args.caption_prompt,
+                paraphrase_prefix=args.paraphrase_prefix)
+    if not src.is_file():
+        raise DiffalignError(f"input {src} not found: pass a .parquet or .jsonl file")
+    if src.suffix == ".parquet":
+        n = caption_parquet(src, dst, args.strategy, **opts)
+    elif src.suffix == ".jsonl":
+        n = caption_jsonl(src, dst, args.strategy, **opts)
+    else:
+        raise DiffalignError(f"input {src} is neither .parquet nor .jsonl: convert it first")
     print(f"wrote {n} rows with {args.strategy} captions to {dst}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

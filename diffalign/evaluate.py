@@ -4,6 +4,9 @@ reward models, and report the model's win rate over the baseline.
     diffalign eval --model toy-sd --lora runs/mapo/lora --prompts toy \
         --reward toy-reward,toy-judge --num-images 4 --seed 0 --output-dir runs/mapo/eval
 
+Sampler settings: --num-inference-steps / --guidance-scale, else the model folder's
+diffalign.json (the toy models ship 20 steps at guidance 4), else the pipeline's own defaults.
+
 Image j of prompt i uses seed `seed + i * num_images + j` for both models, so each model image
 has a baseline twin that differs only in the weights. For every reward:
 - reward_mean / reward_std over all images, for the model and the baseline;
@@ -42,13 +45,11 @@ from typing import Any
 
 import torch
 
+from diffalign.edges import (atomic_write_bytes, atomic_write_text, default_device, load_pipeline, load_rewards,
+                             model_folder, parse_dtype, parse_reward_specs, read_prompts, sampling_defaults)
 from diffalign.errors import DiffalignError
 
 BOOTSTRAP_RESAMPLES = 2000
-TOY_MODELS = ("toy-sd", "toy-flow")
-# The toy models were trained for, and their data sampled with, 20 steps at guidance 4
-# (diffalign.toy.preference_data); the pipelines' own defaults (50 steps, 7.5) are for real models.
-TOY_CALL_DEFAULTS = {"num_inference_steps": 20, "guidance_scale": 4.0}
 
 
 # ------------------------------------------------------------------------------ statistics
@@ -136,50 +137,9 @@ def summarise(model_scores: list[float], baseline_scores: list[float], prompt_id
 # ------------------------------------------------------------------------------ inputs
 
 
-def read_prompts(source: str) -> list[str]:
-    """'toy' (the toy world's held-out prompts), or a .txt (one a line), .jsonl ({"prompt"})
-    or .json (a list of strings) file."""
-    if source == "toy":
-        from diffalign.paths import asset
-
-        shipped = asset("toy-data") / "prompts_heldout.txt"
-        if shipped.is_file():
-            return [line for line in shipped.read_text().splitlines() if line.strip()]
-        from diffalign.toy.render import split_prompts
-
-        return [scene.prompt for scene in split_prompts()[1]]
-    path = Path(source)
-    if not path.is_file():
-        raise DiffalignError(f"prompt file {source!r} not found: pass --prompts toy or a .txt/.jsonl/.json file")
-    if path.suffix == ".jsonl":
-        prompts = [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
-    elif path.suffix == ".json":
-        prompts = json.loads(path.read_text())
-    else:
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise DiffalignError(f"no prompts in {source!r}: write one prompt a line (.txt) or a JSON list of strings")
-    return prompts
-
-
-def resolve_model(model: str) -> str:
-    """'toy-sd'/'toy-flow' -> the shipped asset folder; anything else is a path or a hub id."""
-    if model in TOY_MODELS:
-        from diffalign.paths import asset
-
-        return str(asset(model))
-    return model
-
-
-def load_pipeline(model: Any, device: torch.device, dtype: torch.dtype):
-    """A DiffusionPipeline from a name/path (via diffalign.models.load_pipeline), or the given pipeline object."""
-    if not isinstance(model, str):
-        return model
-    from diffalign.models import load_pipeline as load_any
-
-    pipe = load_any(model, dtype)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+def open_pipeline(model: Any, device: torch.device, dtype: torch.dtype):
+    """A loaded pipeline on `device`: `model` is a name/path (diffalign.edges.load_pipeline) or a pipeline."""
+    return load_pipeline(model, dtype, device=device) if isinstance(model, str) else model
 
 
 def load_lora(pipe, lora: str) -> None:
@@ -238,10 +198,11 @@ def generate(pipe, prompts: list[str], seeds: list[int], batch_size: int, call_k
     """uint8 (N, 3, H, W) images; image i is drawn from torch.Generator().manual_seed(seeds[i])."""
     from tqdm.auto import tqdm
 
+    from diffalign.sampler import generate as sample
+
     out = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc):
-        gens = [torch.Generator().manual_seed(s) for s in seeds[start : start + batch_size]]
-        images = pipe(prompt=prompts[start : start + batch_size], generator=gens, output_type="pt", **call_kwargs).images
+        images = sample(pipe, prompts[start : start + batch_size], seeds=seeds[start : start + batch_size], **call_kwargs)
         out.append((images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu())
     return torch.cat(out)
 
@@ -251,23 +212,10 @@ def score(reward, images: torch.Tensor, prompts: list[str], batch_size: int, dev
     values = []
     for start in range(0, len(prompts), batch_size):
         batch = images[start : start + batch_size].to(device).float() / 255.0
-        values += reward.score(batch, prompts[start : start + batch_size]).float().cpu().tolist()
+        # The saved 8-bit images through each reward's original preprocessing: scores a user can
+        # set beside published ones.
+        values += reward.score(batch, prompts[start : start + batch_size], exact=True).float().cpu().tolist()
     return values
-
-
-def load_rewards(rewards: Any, device: torch.device) -> dict[str, Any]:
-    """'a,b' or a list of names / Reward objects / callables -> {name: reward}."""
-    from diffalign.rewards import as_reward
-
-    if isinstance(rewards, str):
-        rewards = [r.strip() for r in rewards.split(",") if r.strip()]
-    if not rewards:
-        raise DiffalignError("no reward given: pass --reward NAME[,NAME] (e.g. toy-reward,toy-judge)")
-    loaded = {}
-    for item in rewards:
-        reward = as_reward(item, device=device) if isinstance(item, str) else as_reward(item)
-        loaded[item if isinstance(item, str) else reward.name] = reward
-    return loaded
 
 
 # ------------------------------------------------------------------------------ outputs
@@ -321,9 +269,10 @@ def model_fingerprint(model: Any) -> list | None:
     """(file, size, mtime) of a local model folder's files, so an edited model gets a new key.
     None for a hub id or a pipeline object: what they hold cannot be checked cheaply, so they are
     never cached."""
-    if not isinstance(model, str) or not Path(resolve_model(model)).is_dir():
+    folder = model_folder(model) if isinstance(model, str) else None
+    if folder is None or not folder.is_dir():
         return None
-    root = Path(resolve_model(model)).resolve()
+    root = folder.resolve()
     files = sorted(f for f in root.rglob("*") if f.is_file())
     return [str(root)] + [[str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
@@ -356,16 +305,12 @@ def read_cached_baseline(path: Path, num_images: int) -> torch.Tensor | None:
 def write_cached_baseline(path: Path, images: torch.Tensor) -> bool:
     """Written to a temporary file and renamed, so a reader never sees half a file; a failed write
     (full disk, read-only cache) only warns. True when the entry was written."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"images": images.contiguous()}, str(tmp))
-        os.replace(tmp, path)
+        atomic_write_bytes(path, save({"images": images.contiguous()}))
     except OSError as error:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         warnings.warn(f"could not write the baseline cache {path} ({error}); evaluation goes on without it",
                       stacklevel=2)
         return False
@@ -376,36 +321,44 @@ def write_cached_baseline(path: Path, images: torch.Tensor) -> bool:
 
 
 def evaluate(model: Any, baseline: Any, prompts: list[str] | str, rewards: Any, num_images: int, seed: int,
-             output_dir: str | Path, *, lora: str | None = None, steps: int | None = None,
-             guidance: float | None = None, resolution: int | None = None, batch_size: int = 8,
-             max_prompts: int | None = None, device: str | None = None, dtype: str = "fp32",
+             output_dir: str | Path, *, lora: str | None = None, num_inference_steps: int | None = None,
+             guidance_scale: float | None = None, resolution: int | None = None, batch_size: int = 8,
+             max_prompts: int | None = None, device: str | None = None, dtype: str | torch.dtype = "fp32",
              verbose: bool = True, baseline_cache: str | Path | bool = True) -> dict:
     """Generate `num_images` per prompt with `model` (plus `lora`) and `baseline`, same seeds,
     score with `rewards`, write eval.json + scores.jsonl + grid.png to `output_dir`, return the
     eval.json dict. `model`/`baseline` are names, paths or loaded pipelines; baseline None means
     the model without the LoRA. `prompts` is a list or a --prompts source ('toy', a file).
+    `rewards` is a reward spec ('toy-reward,toy-judge') or a list of specs, Rewards and callables.
+    Sampler settings not given come from the model folder's diffalign.json (else the baseline's),
+    else the pipeline's defaults.
     `baseline_cache`: True (the default folder), a folder, or False (always draw the baseline)."""
-    from diffalign.rewards import as_dtype
-
     if num_images < 1:
         raise DiffalignError(f"--num-images {num_images}: generate at least one image per prompt")
     if baseline is None and lora is None:
         raise DiffalignError("nothing to compare: give --lora (baseline = the model without it) or --baseline MODEL")
-    prompt_list = read_prompts(prompts) if isinstance(prompts, str) else list(prompts)
+    if isinstance(lora, (str, Path)) and not Path(lora).exists():  # before the baseline is drawn
+        raise DiffalignError(f"LoRA {str(lora)!r} not found: pass the folder that save_lora_weights wrote")
+    reward_items = [rewards] if isinstance(rewards, str) else list(rewards)
+    specs = [r for r in reward_items if isinstance(r, str)]
+    if specs or not reward_items:
+        parse_reward_specs(specs)  # names, paths and weights checked before any model loads
+    prompt_list = read_prompts(prompts) if isinstance(prompts, (str, Path)) else list(prompts)
     if max_prompts:
         prompt_list = prompt_list[:max_prompts]
     if not prompt_list:
         raise DiffalignError("no prompts to evaluate: pass --prompts toy or a non-empty prompt file")
-    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch_dtype = as_dtype(dtype) or torch.float32
+    torch_device = default_device(device)
+    torch_dtype = parse_dtype(dtype)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    call_kwargs: dict[str, Any] = dict(TOY_CALL_DEFAULTS) if model in TOY_MODELS else {}
-    if steps is not None:
-        call_kwargs["num_inference_steps"] = steps
-    if guidance is not None:
-        call_kwargs["guidance_scale"] = guidance
+    base_model = baseline if baseline is not None else model
+    call_kwargs: dict[str, Any] = sampling_defaults(model) or sampling_defaults(base_model)
+    if num_inference_steps is not None:
+        call_kwargs["num_inference_steps"] = num_inference_steps
+    if guidance_scale is not None:
+        call_kwargs["guidance_scale"] = guidance_scale
     if resolution is not None:
         call_kwargs["height"] = call_kwargs["width"] = resolution
     all_prompts = [p for p in prompt_list for _ in range(num_images)]
@@ -413,7 +366,6 @@ def evaluate(model: Any, baseline: Any, prompts: list[str] | str, rewards: Any, 
     prompt_ids = [i for i in range(len(prompt_list)) for _ in range(num_images)]
 
     # The baseline first: with baseline None it is the same pipeline before the LoRA goes in.
-    base_model = baseline if baseline is not None else model
     cache_file = None
     fingerprint = model_fingerprint(base_model) if baseline_cache is not False else None
     if fingerprint is not None:
@@ -427,11 +379,11 @@ def evaluate(model: Any, baseline: Any, prompts: list[str] | str, rewards: Any, 
               "--no-baseline-cache, diffalign train --no-eval-baseline-cache)")
     base_pipe = None
     if baseline_images is None:
-        base_pipe = load_pipeline(base_model, torch_device, torch_dtype)
+        base_pipe = open_pipeline(base_model, torch_device, torch_dtype)
         baseline_images = generate(base_pipe, all_prompts, seeds, batch_size, call_kwargs, "baseline")
         if cache_file and write_cached_baseline(cache_file, baseline_images) and verbose:
             print(f"baseline images kept in {cache_file} ({baseline_images.numel() / 2**20:.1f} MiB) for the next eval")
-    model_pipe = base_pipe if baseline is None and base_pipe is not None else load_pipeline(model, torch_device, torch_dtype)
+    model_pipe = base_pipe if baseline is None and base_pipe is not None else open_pipeline(model, torch_device, torch_dtype)
     del base_pipe
     if lora is not None:
         load_lora(model_pipe, lora)
@@ -454,17 +406,16 @@ def evaluate(model: Any, baseline: Any, prompts: list[str] | str, rewards: Any, 
         "rewards": {},
     }
     per_image: dict[str, dict[str, list[float]]] = {}
-    for name, reward in load_rewards(rewards, torch_device).items():
+    for name, reward in load_rewards(reward_items, torch_device).items():
         m = score(reward, model_images, all_prompts, batch_size, torch_device)
         b = score(reward, baseline_images, all_prompts, batch_size, torch_device)
         results["rewards"][name] = summarise(m, b, prompt_ids, seed=seed)
         per_image[name] = {"model": m, "baseline": b}
 
-    (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
-    with open(out / "scores.jsonl", "w") as f:
-        for i, (prompt, s) in enumerate(zip(all_prompts, seeds)):
-            row = {"prompt": prompt, "seed": s, **{n: {k: v[i] for k, v in d.items()} for n, d in per_image.items()}}
-            f.write(json.dumps(row) + "\n")
+    atomic_write_text(out / "eval.json", json.dumps(results, indent=2) + "\n")
+    rows = [{"prompt": prompt, "seed": s, **{n: {k: v[i] for k, v in d.items()} for n, d in per_image.items()}}
+            for i, (prompt, s) in enumerate(zip(all_prompts, seeds))]
+    atomic_write_text(out / "scores.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
     write_grid(out / "grid.png", baseline_images, model_images, num_images)
     if verbose:
         print(format_table(results))
@@ -477,17 +428,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora", default=None, help="LoRA folder loaded with pipe.load_lora_weights")
     parser.add_argument("--baseline", default=None, help="model to compare against (default: --model without --lora)")
     parser.add_argument("--prompts", default="toy", help="'toy' (held-out toy prompts) or a .txt/.jsonl/.json file")
-    parser.add_argument("--reward", default="toy-reward,toy-judge", help="comma-separated reward names")
+    parser.add_argument("--reward", default="toy-reward,toy-judge", metavar="SPEC",
+                        help="rewards, NAME[@PATH][=WEIGHT],... (each reported on its own)")
     parser.add_argument("--num-images", type=int, default=4, help="images per prompt and model")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--steps", type=int, default=None, help="inference steps (default: the pipeline's; toy models: 20)")
-    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's; toy models: 4)")
+    parser.add_argument("--output-dir", required=True, help="where eval.json, scores.jsonl and grid.png go")
+    parser.add_argument("--num-inference-steps", type=int, default=None,
+                        help="sampler steps (default: the model folder's diffalign.json, else the pipeline's)")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="classifier-free guidance (default: the model folder's diffalign.json, else the pipeline's)")
     parser.add_argument("--resolution", type=int, default=None, help="image height = width (default: the pipeline's)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
     parser.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
-    parser.add_argument("--dtype", default="fp32", help="fp32, fp16 or bf16")
+    parser.add_argument("--dtype", default="fp32", help="pipeline dtype: fp32 | fp16 | bf16")
     parser.add_argument("--baseline-cache", default=None,
                         help="folder that keeps baseline images between runs (default: $DIFFALIGN_CACHE or ~/.cache/diffalign)")
     parser.add_argument("--no-baseline-cache", action="store_true", help="always draw the baseline images")
@@ -495,7 +449,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     evaluate(args.model, args.baseline, args.prompts, args.reward, args.num_images, args.seed, args.output_dir,
-             lora=args.lora, steps=args.steps, guidance=args.guidance, resolution=args.resolution,
+             lora=args.lora, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+             resolution=args.resolution,
              batch_size=args.batch_size, max_prompts=args.max_prompts, device=args.device, dtype=args.dtype,
              baseline_cache=False if args.no_baseline_cache else (args.baseline_cache or True))
     return 0

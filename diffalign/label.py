@@ -1,7 +1,7 @@
 """`diffalign label`: build synthetic preference data, the Syn-Pic way (RankDPO, arXiv:2410.18013).
 
     diffalign label --model toy-sd --prompts prompts.txt --num-images 4 \
-        --reward toy-reward,clip --output data/syn
+        --reward toy-reward,clip --output-dir data/syn
 
 For every prompt: generate K images (image k of prompt p always uses the same seed, see
 `image_seed`), score them with every reward, rank them and write
@@ -14,14 +14,19 @@ For every prompt: generate K images (image k of prompt p always uses the same se
     D/run.json, D/stats.json  the settings (checked on resume) and the timing of the last run
                               (images/s over generation + scoring + writing, and the rewards' share)
 
-Rewards (`--reward a,b`): names from diffalign.rewards (built-in, or added from Python with
-`diffalign.rewards.register_reward`), or "module:function" for a plain callable
-`(images (B, 3, H, W) in [0, 1], prompts) -> Tensor[B]`. Rewards see the saved 8-bit pixels.
+Rewards (`--reward NAME[@PATH][=WEIGHT],...`, diffalign.edges): names from diffalign.rewards
+(built-in, or added from Python with `diffalign.rewards.register_reward`), or "module:function"
+for a plain callable `(images (B, 3, H, W) in [0, 1], prompts) -> Tensor[B]`. Rewards see the
+saved 8-bit pixels.
+
+Sampler settings: --num-inference-steps / --guidance-scale, else the model folder's
+diffalign.json (the toy models ship 20 steps at guidance 4), else the pipeline's own defaults.
 
 Ranking (`--rank-by`). "avg-rank" (default) is the paper's Algorithm 1: each reward votes on every
 pair of images, and an image's score psi is its share of won votes, wins / (n_rewards * (K - 1)),
 in [0, 1]. That is a linear function of the average per-reward rank, and it is what RankDPO takes
-as the label score. "weighted" ranks by sum_r w_r * reward_r (`--weights`), and psi is the share
+as the label score. "weighted" ranks by sum_r w_r * reward_r (the weights of `--reward a=1,b=0.5`;
+avg-rank does not use them), and psi is the share
 of the other images it beats. Pairs: "best-worst" (one pair per prompt; ties dropped) or "margin"
 (every pair whose psi differ by more than `--margin`, or whose weighted scores do with
 --rank-by weighted).
@@ -32,21 +37,22 @@ batches, and therefore the pixels, are the same as in an uninterrupted run; rank
 pairs.parquet are rebuilt from the row files at the end. Nothing is duplicated or lost.
 
 Dual captions (DCPO): `--captions caption|perturb|hybrid` adds caption_0/caption_1 to the pairs
-(see diffalign/captions.py for the strategies and `python -m diffalign.captions` for existing data).
+(see diffalign/captions.py for the strategies and `diffalign captions` for existing data).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
+import io
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from diffalign.edges import (atomic_write_bytes, atomic_write_text, default_device, load_pipeline, load_rewards,
+                             parse_dtype, parse_reward_specs, read_prompts, sampling_defaults)
 from diffalign.errors import DiffalignError
 
 RANK_BY = ("avg-rank", "weighted")
@@ -57,20 +63,19 @@ PAIRS = ("best-worst", "margin")
 class LabelConfig:
     model: str
     prompts: str
-    output: str
-    rewards: list[str]
+    output_dir: str
+    rewards: list[str]  # reward specs, NAME[@PATH][=WEIGHT] (diffalign.edges)
     num_images: int = 4
     seed: int = 0
     batch_size: int = 8
-    steps: int | None = None
-    guidance: float | None = None
+    num_inference_steps: int | None = None  # None: the model folder's diffalign.json, else the pipeline's
+    guidance_scale: float | None = None
     resolution: int | None = None
     pairs: str = "best-worst"
     margin: float = 0.0
     rank_by: str = "avg-rank"
-    weights: list[float] | None = None
     device: str | None = None
-    dtype: str = "float32"
+    dtype: str = "fp32"
     captions: str | None = None
     captioner: str | None = None
     paraphraser: str | None = None
@@ -79,9 +84,10 @@ class LabelConfig:
 
     def identity(self) -> dict[str, Any]:
         """The settings that decide the content of the rows: a resumed run must match them."""
-        keep = ("model", "prompts", "rewards", "num_images", "seed", "batch_size", "steps", "guidance",
-                "resolution", "rank_by", "weights", "dtype")
+        keep = ("model", "prompts", "num_images", "seed", "batch_size", "num_inference_steps", "guidance_scale",
+                "resolution", "rank_by", "dtype")
         out = {k: v for k, v in asdict(self).items() if k in keep}
+        out["rewards"] = [str(spec) for spec in parse_reward_specs(self.rewards)]
         # The prompt list itself, not the file's path: moving the file is fine, editing it is not.
         out["prompts"] = hashlib.sha256("\n".join(read_prompts(self.prompts)).encode()).hexdigest()
         return out
@@ -91,67 +97,15 @@ class LabelConfig:
 # Inputs
 
 
-def read_prompts(path: str) -> list[str]:
-    """Prompts from a .txt (one a line), a .jsonl ({"prompt": ...} a line) or a .json list."""
-    file = Path(path)
-    if not file.is_file():
-        raise DiffalignError(f"prompt file {path!r} not found: pass --prompts a .txt, .jsonl or .json file")
-    text = file.read_text(encoding="utf-8")
-    if file.suffix == ".jsonl":
-        prompts = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                obj = json.loads(line)
-                if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                    raise DiffalignError(f"line {n} of {path} has no string \"prompt\": write {{\"prompt\": \"...\"}}")
-                prompts.append(obj["prompt"])
-    elif file.suffix == ".json":
-        prompts = json.loads(text)
-        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-            raise DiffalignError(f"{path} must hold a JSON list of strings")
-    else:
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise DiffalignError(f"prompt file {path!r} holds no prompts: add one prompt a line")
-    return prompts
-
-
 def image_seed(seed: int, prompt_index: int, k: int) -> int:
     """Seed of image k of prompt p: fixed by (seed, p, k), independent of batching and resumes."""
     return (seed * 1_000_003 + prompt_index * 1009 + k) % (2**63 - 1)
 
 
-def load_pipeline(model: str, device: str | None, dtype: str):
-    """A diffusers text-to-image pipeline: a shipped asset name (toy-sd), a local folder or a hub id."""
-    import torch
-
-    from diffalign.models import load_pipeline as load_any
-
-    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype)
-    if torch_dtype is None:
-        raise DiffalignError(f"unknown --dtype {dtype!r}: choose float32, float16 or bfloat16")
-    pipe = load_any(model, torch_dtype)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def load_scorers(names: list[str], device: str | None) -> dict[str, Callable]:
-    """name -> callable(images, prompts) -> Tensor[B]. A name is a reward of diffalign.rewards
-    (built-in, or added with `diffalign.rewards.register_reward`), or "module:function" naming a
-    plain callable `(images (B, 3, H, W) in [0, 1], prompts) -> Tensor[B]`."""
-    from diffalign.rewards import REWARDS, load_reward
-
-    scorers = {}
-    for name in names:
-        if name not in REWARDS and ":" in name:
-            module, attr = name.split(":", 1)
-            try:
-                scorers[name] = getattr(importlib.import_module(module), attr)
-            except (ImportError, AttributeError) as err:
-                raise DiffalignError(f"cannot import reward {name!r} ({err}): write module:function") from None
-        else:
-            scorers[name] = load_reward(name, device=device).score
-    return scorers
+def reward_weights(cfg: LabelConfig) -> list[float] | None:
+    """The weights of the reward specs, in order; None unless every reward has one."""
+    weights = [spec.weight for spec in parse_reward_specs(cfg.rewards)]
+    return None if None in weights else weights
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,7 +132,7 @@ def rank_images(rewards: dict[str, list[float]], rank_by: str, weights: list[flo
         key = psi
     elif rank_by == "weighted":
         if weights is None or len(weights) != len(table):
-            raise DiffalignError(f"--rank-by weighted needs one weight per reward ({len(table)}): pass --weights w1,w2,...")
+            raise DiffalignError(f"--rank-by weighted needs one weight per reward ({len(table)}): write --reward NAME=WEIGHT,...")
         key = [sum(w * row[i] for w, row in zip(weights, table)) for i in range(len(table[0]))]
         psi = win_fractions([key])
     else:
@@ -206,15 +160,6 @@ def select_pairs(margin_values: list[float], mode: str, margin: float) -> list[t
 # Generation and the per-prompt rows
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _row_path(out: Path, p: int) -> Path:
     return out / "rows" / f"{p:06d}.json"
 
@@ -225,31 +170,30 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], cfg: LabelConfig
     import numpy as np
     import torch
 
-    kwargs: dict[str, Any] = {"output_type": "np"}
-    if cfg.steps is not None:
-        kwargs["num_inference_steps"] = cfg.steps
-    if cfg.guidance is not None:
-        kwargs["guidance_scale"] = cfg.guidance
+    from diffalign.sampler import generate
+
+    kwargs: dict[str, Any] = sampling_defaults(cfg.model)
+    if cfg.num_inference_steps is not None:
+        kwargs["num_inference_steps"] = cfg.num_inference_steps
+    if cfg.guidance_scale is not None:
+        kwargs["guidance_scale"] = cfg.guidance_scale
     if cfg.resolution is not None:
         kwargs["height"] = kwargs["width"] = cfg.resolution
-    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    with torch.no_grad():
-        images = pipe(prompt=prompts, generator=generators, **kwargs).images
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise DiffalignError(f"the pipeline returned images of shape {images.shape}: label needs a text-to-image pipeline")
+    images = generate(pipe, prompts, seeds=seeds, **kwargs)  # (N, 3, H, W) in [0, 1]
+    images = images.permute(0, 2, 3, 1).float().cpu().numpy()
     return (np.clip(images, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
-def score_images(scorers: dict[str, Callable], pixels, prompts: list[str]) -> dict[str, list[float]]:
-    """Score uint8 images (N, H, W, 3) as [0, 1] tensors: exactly the pixels that are saved."""
+def score_images(rewards: dict[str, Any], pixels, prompts: list[str]) -> dict[str, list[float]]:
+    """Score uint8 images (N, H, W, 3): exactly the pixels that are saved, through each reward's
+    original preprocessing (`exact=True`), so a label equals the original code's score of the file."""
     import torch
 
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255.0)
     out = {}
     with torch.no_grad():
-        for name, fn in scorers.items():
-            values = torch.as_tensor(fn(images, prompts)).detach().float().cpu().reshape(-1)
+        for name, reward in rewards.items():
+            values = torch.as_tensor(reward.score(images, prompts, exact=True)).detach().float().cpu().reshape(-1)
             if values.numel() != len(prompts):
                 raise DiffalignError(f"reward {name!r} returned {values.numel()} scores for {len(prompts)} images: "
                                      "it must return one score per image")
@@ -258,8 +202,8 @@ def score_images(scorers: dict[str, Callable], pixels, prompts: list[str]) -> di
 
 
 def make_row(p: int, prompt: str, seeds: list[int], files: list[str], rewards: dict[str, list[float]],
-             cfg: LabelConfig) -> dict[str, Any]:
-    order, psi, key = rank_images(rewards, cfg.rank_by, cfg.weights)
+             cfg: LabelConfig, weights: list[float] | None = None) -> dict[str, Any]:
+    order, psi, key = rank_images(rewards, cfg.rank_by, weights)
     row = {
         "index": p,
         "prompt": prompt,
@@ -281,8 +225,8 @@ def chunks(num_prompts: int, k: int, batch_size: int) -> list[list[int]]:
     return [list(range(start, min(start + per_chunk, num_prompts))) for start in range(0, num_prompts, per_chunk)]
 
 
-def label_chunk(pipe, scorers, prompts: list[str], chunk: list[int], cfg: LabelConfig, out: Path,
-                timing: dict[str, float]) -> int:
+def label_chunk(pipe, rewards, prompts: list[str], chunk: list[int], cfg: LabelConfig, out: Path,
+                timing: dict[str, float], weights: list[float] | None = None) -> int:
     """Generate, score and write the rows of the prompts in `chunk` that are not done yet."""
     import numpy as np
     from PIL import Image
@@ -301,13 +245,13 @@ def label_chunk(pipe, scorers, prompts: list[str], chunk: list[int], cfg: LabelC
             continue  # done in an earlier run; this chunk was only regenerated to keep batches equal
         mine = pixels[n * k : (n + 1) * k]
         start = time.perf_counter()
-        rewards = score_images(scorers, np.stack(mine), [prompts[p]] * k)
+        scores = score_images(rewards, np.stack(mine), [prompts[p]] * k)
         timing["reward"] += time.perf_counter() - start
         files = [f"images/{p:06d}_{i:02d}.png" for i in range(k)]
         for file, img in zip(files, mine):
             Image.fromarray(img).save(out / file)
-        row = make_row(p, prompts[p], [image_seed(cfg.seed, p, i) for i in range(k)], files, rewards, cfg)
-        _atomic_write(_row_path(out, p), json.dumps(row).encode())
+        row = make_row(p, prompts[p], [image_seed(cfg.seed, p, i) for i in range(k)], files, scores, cfg, weights)
+        atomic_write_text(_row_path(out, p), json.dumps(row))
         written += 1
     return written
 
@@ -325,7 +269,7 @@ def write_ranked(out: Path, rows: list[dict[str, Any]]) -> Path:
     for row in rows:
         lines.append(json.dumps({k: v for k, v in row.items() if k != "index"}))
     path = out / "ranked.jsonl"
-    _atomic_write(path, ("\n".join(lines) + "\n").encode())
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -356,11 +300,9 @@ def write_pairs(out: Path, records: list[dict[str, Any]]) -> Path:
     types = {"jpg_0": pa.binary(), "jpg_1": pa.binary(), "caption": pa.string(), "prompt_index": pa.int64(),
              "caption_0": pa.string(), "caption_1": pa.string()}
     table = pa.table({c: pa.array([r[c] for r in records], type=types.get(c, pa.float64())) for c in columns})
-    path = out / "pairs.parquet"
-    tmp = out / "pairs.parquet.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    return path
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return atomic_write_bytes(out / "pairs.parquet", buffer.getvalue())
 
 
 def _check_run(out: Path, cfg: LabelConfig) -> None:
@@ -371,9 +313,9 @@ def _check_run(out: Path, cfg: LabelConfig) -> None:
         changed = sorted(k for k in cfg.identity() if before.get(k) != cfg.identity()[k])
         if changed:
             raise DiffalignError(f"{out} holds a run made with other {', '.join(changed)}: resume with the same flags "
-                                 "or choose a new --output")
+                                 "or choose a new --output-dir")
     else:
-        _atomic_write(run_file, json.dumps(cfg.identity(), indent=2).encode())
+        atomic_write_text(run_file, json.dumps(cfg.identity(), indent=2))
 
 
 def validate(cfg: LabelConfig) -> None:
@@ -381,14 +323,14 @@ def validate(cfg: LabelConfig) -> None:
         raise DiffalignError(f"--num-images {cfg.num_images}: a ranking needs at least 2 images a prompt")
     if cfg.batch_size < 1:
         raise DiffalignError("--batch-size must be at least 1")
-    if not cfg.rewards:
-        raise DiffalignError("no reward given: pass --reward name[,name...]")
+    specs = parse_reward_specs(cfg.rewards)  # unknown names and bad weights fail before any model loads
+    parse_dtype(cfg.dtype)
     if cfg.rank_by not in RANK_BY:
         raise DiffalignError(f"unknown --rank-by {cfg.rank_by!r}: choose one of {', '.join(RANK_BY)}")
     if cfg.pairs not in PAIRS:
         raise DiffalignError(f"unknown --pairs {cfg.pairs!r}: choose one of {', '.join(PAIRS)}")
-    if cfg.rank_by == "weighted" and (cfg.weights is None or len(cfg.weights) != len(cfg.rewards)):
-        raise DiffalignError(f"--rank-by weighted needs one weight per reward ({len(cfg.rewards)}): pass --weights w1,w2,...")
+    if cfg.rank_by == "weighted" and reward_weights(cfg) is None:
+        raise DiffalignError(f"--rank-by weighted needs one weight per reward ({len(specs)}): write --reward NAME=WEIGHT,...")
     if cfg.margin < 0:
         raise DiffalignError("--margin must be >= 0")
     if cfg.captions not in (None, "caption", "perturb", "hybrid"):
@@ -403,7 +345,7 @@ def label(cfg: LabelConfig, pipe=None) -> dict[str, Any]:
 
     validate(cfg)
     prompts = read_prompts(cfg.prompts)
-    out = Path(cfg.output)
+    out = Path(cfg.output_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "rows").mkdir(exist_ok=True)
     _check_run(out, cfg)
@@ -411,12 +353,13 @@ def label(cfg: LabelConfig, pipe=None) -> dict[str, Any]:
     timing = {"generate": 0.0, "reward": 0.0}
     made, wall = 0, 0.0
     if todo:
-        pipe = pipe if pipe is not None else load_pipeline(cfg.model, cfg.device, cfg.dtype)
-        scorers = load_scorers(cfg.rewards, cfg.device)
+        if pipe is None:
+            pipe = load_pipeline(cfg.model, parse_dtype(cfg.dtype), device=default_device(cfg.device))
+        rewards, weights = load_rewards(cfg.rewards, cfg.device), reward_weights(cfg)
         wall_start = time.perf_counter()
         with tqdm(total=sum(len(c) for c in todo), desc="label", unit="prompt") as bar:
             for chunk in todo:
-                made += label_chunk(pipe, scorers, prompts, chunk, cfg, out, timing)
+                made += label_chunk(pipe, rewards, prompts, chunk, cfg, out, timing, weights)
                 bar.update(len(chunk))
         wall = time.perf_counter() - wall_start  # generation, scoring and writing rows; not model loading
     rows = read_rows(out)
@@ -440,7 +383,7 @@ def label(cfg: LabelConfig, pipe=None) -> dict[str, Any]:
         "rows": len(rows),
         "num_pairs": len(records),
     }
-    _atomic_write(out / "stats.json", json.dumps(stats, indent=2).encode())
+    atomic_write_text(out / "stats.json", json.dumps(stats, indent=2))
     return {"ranked": ranked, "pairs": pairs, **stats}
 
 
@@ -449,22 +392,24 @@ def label(cfg: LabelConfig, pipe=None) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="diffusers pipeline: folder, hub id or shipped name (toy-sd)")
-    parser.add_argument("--prompts", required=True, help=".txt (one a line), .jsonl ({\"prompt\"}) or .json list")
+    parser.add_argument("--model", required=True, help="diffusers folder, hub id, or toy-sd / toy-flow")
+    parser.add_argument("--prompts", required=True, help="'toy' or a .txt (one a line), .jsonl ({\"prompt\"}) or .json list")
     parser.add_argument("--num-images", type=int, default=4, help="K images a prompt (default 4)")
-    parser.add_argument("--reward", required=True, help="reward name(s), comma-separated: toy-reward,clip,...")
-    parser.add_argument("--output", required=True, help="output folder; rerun with the same flags to resume")
+    parser.add_argument("--reward", required=True, metavar="SPEC",
+                        help="rewards, NAME[@PATH][=WEIGHT],... (weights count with --rank-by weighted)")
+    parser.add_argument("--output-dir", required=True, help="output folder; rerun with the same flags to resume")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8, help="images a pipeline call")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the pipeline's)")
-    parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's)")
-    parser.add_argument("--resolution", type=int, default=None, help="image size (default: the pipeline's)")
+    parser.add_argument("--num-inference-steps", type=int, default=None,
+                        help="sampler steps (default: the model folder's diffalign.json, else the pipeline's)")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="classifier-free guidance (default: the model folder's diffalign.json, else the pipeline's)")
+    parser.add_argument("--resolution", type=int, default=None, help="image height = width (default: the pipeline's)")
     parser.add_argument("--pairs", choices=PAIRS, default="best-worst")
     parser.add_argument("--margin", type=float, default=0.0, help="--pairs margin: minimum score gap of a pair")
     parser.add_argument("--rank-by", choices=RANK_BY, default="avg-rank")
-    parser.add_argument("--weights", default=None, help="--rank-by weighted: one weight per reward, comma-separated")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    parser.add_argument("--dtype", default="fp32", help="pipeline dtype: fp32 | fp16 | bf16")
     parser.add_argument("--captions", choices=("caption", "perturb", "hybrid"), default=None,
                         help="add DCPO dual captions (caption_0/caption_1) to the pairs")
     parser.add_argument("--captioner", default=None, help="image-to-text model (hub id or path) for caption/hybrid")
@@ -475,17 +420,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> LabelConfig:
-    weights = None
-    if args.weights:
-        try:
-            weights = [float(w) for w in args.weights.split(",")]
-        except ValueError:
-            raise DiffalignError(f"--weights {args.weights!r} is not a list of numbers: write e.g. 1,0.5") from None
     return LabelConfig(
-        model=args.model, prompts=args.prompts, output=args.output,
-        rewards=[r.strip() for r in args.reward.split(",") if r.strip()], num_images=args.num_images,
-        seed=args.seed, batch_size=args.batch_size, steps=args.steps, guidance=args.guidance,
-        resolution=args.resolution, pairs=args.pairs, margin=args.margin, rank_by=args.rank_by, weights=weights,
+        model=args.model, prompts=args.prompts, output_dir=args.output_dir,
+        rewards=[str(spec) for spec in parse_reward_specs(args.reward)], num_images=args.num_images,
+        seed=args.seed, batch_size=args.batch_size, num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale, resolution=args.resolution, pairs=args.pairs, margin=args.margin,
+        rank_by=args.rank_by,
         device=args.device, dtype=args.dtype, captions=args.captions, captioner=args.captioner,
         paraphraser=args.paraphraser, caption_prompt=args.caption_prompt, perturb_strength=args.perturb_strength,
     )

@@ -12,10 +12,14 @@ alone (penalty excluded), and no optimiser step after the last evaluation.
 
     from diffalign.reno import optimize
     result = optimize(pipe, "a cat", rewards={"hpsv2.1": 5.0, "pickscore": 0.05}, iterations=50)
+    result = optimize(pipe, "a cat", rewards="hpsv2.1@ckpt/HPS_v2.1_compressed.pt=5,pickscore=0.05")
     result.image, result.latent, result.history
 
+Rewards are reward specs (diffalign.edges, `NAME[@PATH][=WEIGHT]`, a missing weight counting 1),
+or {spec | Reward | callable: weight}.
+
 `diffalign reno ...` (`add_arguments`, `run`) is the command-line front end; the generators
-(pipeline -> differentiable function of the noise) live in `diffalign.reno_generators`.
+(pipeline -> differentiable function of the noise) come from `diffalign.sampler.build_generator`.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
+from diffalign.edges import (default_device, load_pipeline, load_rewards, parse_dtype, parse_reward_specs,
+                             read_prompts)
 from diffalign.errors import DiffalignError
 
 # The paper's reward mix (ReNO arguments.py); the registry names map to the same models.
@@ -84,39 +90,38 @@ def make_optimizer(
     raise DiffalignError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
 
 
-def check_reward_names(rewards: Mapping[Any, float]) -> None:
-    """Fail before anything heavy loads: no rewards, or a name the registry does not know."""
-    from diffalign.rewards import REWARDS
-
+def reward_items(rewards: str | Mapping[Any, float]) -> list[tuple[Any, float]]:
+    """A spec string, or {spec | Reward | callable: weight} -> [(RewardSpec | object, weight)],
+    every spec checked: this fails before anything heavy loads."""
+    if isinstance(rewards, str):
+        return [(spec, 1.0 if spec.weight is None else spec.weight) for spec in parse_reward_specs(rewards)]
     if not rewards:
-        raise DiffalignError("no rewards given: pass rewards={'hpsv2.1': 5.0, ...} (or --reward NAME=WEIGHT)")
-    unknown = [key for key in rewards if isinstance(key, str) and key not in REWARDS]
-    if unknown:
-        raise DiffalignError(f"unknown reward {unknown[0]!r}: use one of {', '.join(REWARDS)} or pass a callable")
-
-
-def resolve_rewards(
-    rewards: Mapping[Any, float], device=None, dtype: torch.dtype | None = None, paths: Mapping[str, str] | None = None
-) -> dict[str, tuple[RewardFn, float]]:
-    """{registry name | Reward module | callable: weight} -> {name: (score function, weight)}."""
-    from diffalign.rewards import load_reward
-    from diffalign.rewards.base import Reward
-
-    check_reward_names(rewards)
-    resolved: dict[str, tuple[RewardFn, float]] = {}
+        raise DiffalignError("no rewards given: pass rewards={'hpsv2.1': 5.0, ...} (or --reward NAME[@PATH][=WEIGHT],...)")
+    items = []
     for key, weight in rewards.items():
         if isinstance(key, str):
-            module = load_reward(key, path=(paths or {}).get(key), device=device, dtype=dtype)
-            name, fn = key, module.score
-        elif isinstance(key, Reward):
-            name, fn = key.name, key.score
-        elif callable(key):
-            name, fn = getattr(key, "__name__", type(key).__name__), key
-        else:
-            raise DiffalignError(f"reward {key!r} is neither a registry name nor a callable (images, prompts) -> scores")
+            specs = parse_reward_specs(key)
+            if len(specs) != 1 or specs[0].weight is not None:
+                raise DiffalignError(f"reward key {key!r}: give one NAME[@PATH] per key and its weight as the value")
+            key = specs[0]
+        items.append((key, float(weight)))
+    return items
+
+
+def check_reward_names(rewards: str | Mapping[Any, float]) -> None:
+    """Fail before anything heavy loads: no rewards, an unknown name, a bad spec."""
+    reward_items(rewards)
+
+
+def resolve_rewards(rewards: str | Mapping[Any, float], device=None,
+                    dtype: torch.dtype | None = None) -> dict[str, tuple[RewardFn, float]]:
+    """A spec string or {spec | Reward module | callable: weight} -> {name: (score function, weight)}."""
+    resolved: dict[str, tuple[RewardFn, float]] = {}
+    for key, weight in reward_items(rewards):
+        [(name, reward)] = load_rewards([key], device=device, dtype=dtype).items()
         if name in resolved:
             name = f"{name}#{len(resolved)}"  # two callables with one __name__ keep both entries
-        resolved[name] = (fn, float(weight))
+        resolved[name] = (reward.score, weight)
     return resolved
 
 
@@ -215,7 +220,7 @@ def _record(iteration: int, total: Tensor, scores: dict[str, Tensor], reg: Tenso
 def optimize(
     pipe: Any,
     prompt: str,
-    rewards: Mapping[Any, float] = DEFAULT_REWARDS,
+    rewards: str | Mapping[Any, float] = DEFAULT_REWARDS,
     *,
     iterations: int = 50,
     lr: float = 5.0,
@@ -232,29 +237,30 @@ def optimize(
     width: int | None = None,
     latent: Tensor | None = None,
     reward_dtype: torch.dtype | None = None,
-    reward_paths: Mapping[str, str] | None = None,
     checkpoint_rewards: bool | None = None,
     gradient_checkpointing: bool = True,
     progress: bool = True,
 ) -> RenoResult:
     """Optimise the initial noise of `pipe` for `prompt` against weighted `rewards`.
 
-    `rewards` maps a registry name (`diffalign.rewards.REWARDS`), a loaded Reward, or a callable
+    `rewards` is a reward spec ("hpsv2.1@PATH=5,pickscore=0.05"), or maps a registry name
+    (`diffalign.rewards.REWARDS`, with an optional @PATH), a loaded Reward, or a callable
     `(images (B,3,H,W) in [0,1], prompts) -> Tensor[B]` to its weight. The noise starts from
     `latent` or from N(0, I) drawn with `seed` on the CPU (the same on every device). The
     pipeline's VAE and denoiser are frozen (requires_grad False) and, with
     `gradient_checkpointing`, checkpointed. See the module docstring for the algorithm.
     """
-    from diffalign.reno_generators import build_generator, pipeline_family
+    from diffalign.sampler import build_generator, pipeline_family
 
     _check_settings(iterations, lr, grad_clip, reg_weight)
     make_optimizer(optimizer, torch.zeros(1, requires_grad=True), lr, momentum, nesterov)  # fail fast
+    check_reward_names(rewards)
     pipeline_family(pipe)
     generator = build_generator(
         pipe, prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
         timesteps=timesteps, height=height, width=width, seed=seed, gradient_checkpointing=gradient_checkpointing,
     )
-    resolved = resolve_rewards(rewards, device=generator.device, dtype=reward_dtype, paths=reward_paths)
+    resolved = resolve_rewards(rewards, device=generator.device, dtype=reward_dtype)
     if latent is None:
         latent = torch.randn(generator.latent_shape, generator=torch.Generator().manual_seed(seed))
     elif tuple(latent.shape) != generator.latent_shape:
@@ -272,14 +278,13 @@ def optimize(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="diffusers pipeline folder, hub id, or shipped asset (toy-sd)")
+    parser.add_argument("--model", required=True, help="diffusers folder, hub id, or toy-sd / toy-flow")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    parser.add_argument("--prompts", type=Path, help="text file with one prompt per line")
+    parser.add_argument("--prompts", default=None, help="'toy' or a .txt (one a line), .jsonl ({\"prompt\"}) or .json list")
     parser.add_argument(
-        "--reward", default=",".join(f"{k}={v}" for k, v in DEFAULT_REWARDS.items()),
-        help="NAME=WEIGHT,... with registry names, or module:function for your own callable",
+        "--reward", default=",".join(f"{k}={v:g}" for k, v in DEFAULT_REWARDS.items()), metavar="SPEC",
+        help="rewards to maximise, NAME[@PATH][=WEIGHT],... with registry names or module:function callables",
     )
-    parser.add_argument("--reward-path", action="append", default=[], metavar="NAME=PATH", help="reward weights file")
     parser.add_argument("--iterations", type=int, default=50)
     parser.add_argument("--lr", type=float, default=5.0)
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
@@ -288,40 +293,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grad-clip", type=float, default=0.1, help="0 turns clipping off")
     parser.add_argument("--reg-weight", type=float, default=0.01, help="0 turns the norm regulariser off")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=1, help="sampling steps of the generator (1-4)")
+    parser.add_argument("--num-inference-steps", type=int, default=1, help="sampler steps of the generator (1-4)")
     parser.add_argument("--guidance-scale", type=float, default=0.0)
     parser.add_argument("--timesteps", help="comma-separated custom timesteps (PixArt-DMD: 400, Hyper-SD: 800)")
-    parser.add_argument("--height", type=int)
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
-                        help="pipeline dtype; auto = float16 on cuda, float32 on cpu")
-    parser.add_argument("--reward-dtype", choices=("float32", "float16", "bfloat16"), default=None)
+    parser.add_argument("--resolution", type=int, default=None, help="image height = width (default: the pipeline's)")
+    parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    parser.add_argument("--dtype", default="auto", help="pipeline dtype: auto | fp32 | fp16 | bf16 (auto: fp16 on cuda, fp32 on cpu)")
+    parser.add_argument("--reward-dtype", default=None, help="reward dtype: fp32 | fp16 | bf16 (default: the reward's)")
     parser.add_argument("--output-dir", type=Path, required=True)
 
 
 def run(args: argparse.Namespace) -> int:
-    prompts = _read_prompts(args.prompt, args.prompts)
-    rewards = parse_rewards(args.reward)
-    check_reward_names(rewards)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype_name = args.dtype if args.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
+    prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
+    if not prompts:
+        raise DiffalignError("no prompt given: pass --prompt TEXT or --prompts FILE")
+    check_reward_names(args.reward)
+    device = default_device(args.device)
+    dtype = parse_dtype(args.dtype if args.dtype != "auto" else ("fp16" if device.type == "cuda" else "fp32"))
+    reward_dtype = parse_dtype(args.reward_dtype) if args.reward_dtype else None
     _check_settings(args.iterations, args.lr, args.grad_clip, args.reg_weight)
     # Every iteration has the same shapes: cuDNN's own timing beats its default fp16 conv-backward
     # pick (0.83 -> 0.60 s/iteration for SD-Turbo + 3 CLIP-H rewards on an H100).
-    torch.backends.cudnn.benchmark = device.startswith("cuda")
-    pipe = load_pipeline(args.model, device, getattr(torch, dtype_name))
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    pipe = load_pipeline(args.model, dtype, device=device)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     summary = []
     for index, prompt in enumerate(prompts):
         result = optimize(
-            pipe, prompt, rewards, iterations=args.iterations, lr=args.lr, optimizer=args.optimizer,
+            pipe, prompt, args.reward, iterations=args.iterations, lr=args.lr, optimizer=args.optimizer,
             momentum=args.momentum, nesterov=args.nesterov, grad_clip=args.grad_clip, reg_weight=args.reg_weight,
-            seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+            seed=args.seed, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
             timesteps=[int(t) for t in args.timesteps.split(",")] if args.timesteps else None,
-            height=args.height, width=args.width,
-            reward_dtype=getattr(torch, args.reward_dtype) if args.reward_dtype else None,
-            reward_paths=dict(item.split("=", 1) for item in args.reward_path),
+            height=args.resolution, width=args.resolution, reward_dtype=reward_dtype,
         )
         folder = args.output_dir / f"{index:03d}"
         save_result(result, folder, prompt, settings={k: str(v) for k, v in vars(args).items() if k != "func"})
@@ -330,48 +333,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{index}] {prompt!r}: reward {result.initial_reward:.4f} -> {result.best_reward:.4f} ({folder})")
     (args.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return 0
-
-
-def parse_rewards(spec: str) -> dict[Any, float]:
-    """"hpsv2.1=5,pickscore=0.05,mypkg.rewards:fn=1" -> {name or callable: weight}."""
-    import importlib
-
-    rewards: dict[Any, float] = {}
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        name, _, weight = item.partition("=")
-        try:
-            value = float(weight) if weight else 1.0
-        except ValueError:
-            raise DiffalignError(f"reward weight {weight!r} in {item!r} is not a number: write NAME=WEIGHT") from None
-        if ":" in name:  # a user callable, imported as module:attribute
-            module_name, _, attribute = name.partition(":")
-            try:
-                rewards[getattr(importlib.import_module(module_name), attribute)] = value
-            except (ImportError, AttributeError) as err:
-                raise DiffalignError(f"cannot import reward {name!r} ({err}): check module:function") from None
-        else:
-            rewards[name] = value
-    return rewards
-
-
-def _read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
-    prompts = list(prompts)
-    if prompts_file is not None:
-        if not prompts_file.is_file():
-            raise DiffalignError(f"prompts file {prompts_file} does not exist: pass a text file, one prompt per line")
-        prompts += [line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise DiffalignError("no prompt given: pass --prompt TEXT or --prompts FILE")
-    return prompts
-
-
-def load_pipeline(model: str, device: str, dtype: torch.dtype) -> Any:
-    """A diffusers pipeline from a folder, a shipped asset name, or a hub id (cached offline)."""
-    from diffalign.models import load_pipeline as load_any
-
-    pipe = load_any(model, dtype)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
 
 
 def save_result(result: RenoResult, folder: Path, prompt: str, settings: dict | None = None) -> None:

@@ -89,7 +89,7 @@ def test_tiny_eval_run_writes_eval_json_scores_and_grid(tmp_path):
     for pipe in (model, baseline):
         pipe.set_progress_bar_config(disable=True)
     results = evaluate(model, baseline, ["a red circle", "two blue squares"], [brightness], num_images=2, seed=3,
-                       output_dir=tmp_path, steps=2, guidance=1.0, batch_size=3, verbose=False)
+                       output_dir=tmp_path, num_inference_steps=2, guidance_scale=1.0, batch_size=3, verbose=False)
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved == json.loads(json.dumps(results))
     entry = saved["rewards"]["brightness"]
@@ -107,7 +107,7 @@ def test_tiny_eval_run_writes_eval_json_scores_and_grid(tmp_path):
 
     # a model compared with itself ties everywhere: win rate exactly one half
     same = evaluate(model, model, ["a red circle"], [brightness], num_images=2, seed=3, output_dir=tmp_path / "same",
-                    steps=2, guidance=1.0, verbose=False)
+                    num_inference_steps=2, guidance_scale=1.0, verbose=False)
     assert same["rewards"]["brightness"]["win_rate"] == 0.5 and same["rewards"]["brightness"]["ties"] == 2
 
 
@@ -133,9 +133,9 @@ def test_lora_run_compares_against_the_same_model_without_it(tmp_path):
     StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(pipe.unet))
 
     r = evaluate(str(base_dir), None, ["a red circle"], [brightness], num_images=2, seed=0, output_dir=tmp_path / "ev",
-                 lora=str(tmp_path / "lora"), steps=2, guidance=1.0, verbose=False)
+                 lora=str(tmp_path / "lora"), num_inference_steps=2, guidance_scale=1.0, verbose=False)
     plain = evaluate(str(base_dir), str(base_dir), ["a red circle"], [brightness], num_images=2, seed=0,
-                     output_dir=tmp_path / "plain", steps=2, guidance=1.0, verbose=False)
+                     output_dir=tmp_path / "plain", num_inference_steps=2, guidance_scale=1.0, verbose=False)
     lora_rows = [json.loads(x) for x in (tmp_path / "ev" / "scores.jsonl").read_text().splitlines()]
     plain_rows = [json.loads(x) for x in (tmp_path / "plain" / "scores.jsonl").read_text().splitlines()]
     # the baseline is exactly the model without the LoRA; the LoRA changes the images
@@ -161,7 +161,7 @@ def test_baseline_images_are_cached_between_runs_and_redrawn_when_anything_chang
     def run(name, **kwargs):
         kwargs = {"seed": 0, "baseline_cache": cache, **kwargs}
         result = evaluate(model, str(base_dir), ["a red circle"], [brightness], num_images=2, output_dir=tmp_path / name,
-                          steps=2, guidance=1.0, verbose=False, **kwargs)
+                          num_inference_steps=2, guidance_scale=1.0, verbose=False, **kwargs)
         rows = [json.loads(x) for x in (tmp_path / name / "scores.jsonl").read_text().splitlines()]
         return result, [r["brightness"]["baseline"] for r in rows]
 
@@ -261,3 +261,21 @@ def test_the_denoiser_is_the_unet_else_the_transformer_else_a_clear_error():
     assert pipeline_denoiser(SimpleNamespace(transformer=transformer)) is transformer
     with pytest.raises(DiffalignError, match="neither a unet nor a transformer"):
         pipeline_denoiser(SimpleNamespace(vae=unet))
+
+
+def test_a_model_folders_sampling_settings_apply_unless_arguments_override_them(tmp_path, monkeypatch):
+    import diffalign.evaluate as ev
+
+    seen = []
+
+    def fake_generate(pipe, prompts, seeds, batch_size, call_kwargs, desc):
+        seen.append(dict(call_kwargs))
+        return torch.zeros(len(prompts), 3, 8, 8, dtype=torch.uint8)
+
+    monkeypatch.setattr(ev, "open_pipeline", lambda model, device, dtype: None)
+    monkeypatch.setattr(ev, "generate", fake_generate)
+    common = dict(num_images=1, seed=0, baseline_cache=False, verbose=False, device="cpu")
+    evaluate("toy-sd", "toy-sd", ["a"], [brightness], output_dir=tmp_path / "a", **common)
+    evaluate("toy-flow", "toy-flow", ["a"], [brightness], output_dir=tmp_path / "b", num_inference_steps=3,
+             guidance_scale=1.5, **common)
+    assert seen == [{"num_inference_steps": 20, "guidance_scale": 4.0}] * 2 + [{"num_inference_steps": 3, "guidance_scale": 1.5}] * 2

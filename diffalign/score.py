@@ -1,50 +1,43 @@
 """`diffalign score`: score images with one or several reward models.
 
     diffalign score --reward pickscore,hpsv2.1 --prompt "a red bicycle" img1.png img2.png
-    diffalign score --reward hpsv2 --input pairs.jsonl --output scores.csv --path hpsv2=./weights
+    diffalign score --reward hpsv2@./weights --input pairs.jsonl --output-file scores.csv
 
-`--input` is a JSONL or CSV file with `prompt` and `image` fields; relative image paths are
-taken relative to that file's folder. Scores print as a table and optionally go to CSV/JSONL.
+`--reward` takes the reward spec of every command (diffalign.edges, `NAME[@PATH][=WEIGHT],...`;
+@PATH points a reward at local weights; each reward is reported on its own, so weights only
+label the spec). `--input` is a JSONL or CSV file with `prompt` and `image` fields; relative
+image paths are taken relative to that file's folder. Scores print as a table and optionally go
+to CSV/JSONL.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
+from diffalign.edges import atomic_write_text, load_rewards, parse_dtype, parse_reward_specs
 from diffalign.errors import DiffalignError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="*", help="image files to score (with --prompt)")
-    parser.add_argument("--reward", required=True, help="comma-separated reward names, e.g. pickscore,hpsv2.1")
+    parser.add_argument("--reward", required=True, metavar="SPEC",
+                        help="rewards, NAME[@PATH][=WEIGHT],... e.g. pickscore,hpsv2.1@weights/HPS_v2.1_compressed.pt")
     parser.add_argument("--prompt", help="the prompt for every IMAGE")
     parser.add_argument("--input", help="JSONL or CSV file with 'prompt' and 'image' fields")
-    parser.add_argument("--path", action="append", default=[], metavar="NAME=DIR",
-                        help="local weights for one reward (file or folder); repeatable")
-    parser.add_argument("--opt", action="append", default=[], metavar="NAME:KEY=VALUE",
+    parser.add_argument("--reward-opt", action="append", default=[], metavar="NAME:KEY=VALUE",
                         help="builder option for one reward, VALUE as JSON if it parses, e.g. hpsv2.1:scale=100")
-    parser.add_argument("--output", help="write the scores to this .csv or .jsonl file")
+    parser.add_argument("--output-file", help="write the scores to this .csv or .jsonl file")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--dtype", default="fp32", help="fp32 (default), fp16 or bf16")
+    parser.add_argument("--dtype", default="fp32", help="reward dtype: fp32 | fp16 | bf16")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     parser.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning instead of failing")
-
-
-def parse_assignments(items: list[str], flag: str) -> dict[str, str]:
-    """["hpsv2=./w", ...] -> {"hpsv2": "./w"}."""
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name or not value:
-            raise DiffalignError(f"{flag} {item!r} is malformed: write {flag} NAME=VALUE")
-        out[name] = value
-    return out
 
 
 def parse_options(items: list[str], names: list[str]) -> dict[str, dict[str, Any]]:
@@ -53,9 +46,9 @@ def parse_options(items: list[str], names: list[str]) -> dict[str, dict[str, Any
         name, sep, assignment = item.partition(":")
         key, eq, raw = assignment.partition("=")
         if not sep or not eq or not key:
-            raise DiffalignError(f"--opt {item!r} is malformed: write --opt NAME:KEY=VALUE, e.g. hpsv2.1:scale=100")
+            raise DiffalignError(f"--reward-opt {item!r} is malformed: write --reward-opt NAME:KEY=VALUE, e.g. hpsv2.1:scale=100")
         if name not in options:
-            raise DiffalignError(f"--opt {item!r} names reward {name!r}, which is not in --reward {','.join(names)}")
+            raise DiffalignError(f"--reward-opt {item!r} names {name}, which is not in --reward {','.join(names)}: fix the name")
         try:
             options[name][key] = json.loads(raw)
         except json.JSONDecodeError:
@@ -90,13 +83,20 @@ def read_rows(args: argparse.Namespace) -> list[dict[str, str]]:
 
 
 def load_rows(rows: list[dict[str, str]], skip_bad: bool) -> tuple[list[dict[str, str]], list[Any]]:
-    """Read every image once; an unreadable one fails, or is skipped with a warning."""
-    from diffalign.rewards.base import load_image
+    """Read every image once, kept as a PIL image so each reward preprocesses it as its original
+    does; check that every video file or frame folder opens (videoreward decodes it when
+    scoring, so it stays a path). An unreadable one fails, or is skipped with a warning."""
+    from diffalign.rewards.base import load_pil
+    from diffalign.rewards.videoreward import is_video_path, probe_video
 
     kept, images = [], []
     for row in rows:
         try:
-            images.append(load_image(row["image"]))
+            if is_video_path(row["image"]):
+                probe_video(row["image"])
+                images.append(row["image"])
+            else:
+                images.append(load_pil(row["image"]))
         except DiffalignError as err:
             if not skip_bad:
                 raise DiffalignError(f"{err} (pass --skip-bad to skip such images)") from None
@@ -139,36 +139,31 @@ def _shorten(text: str, width: int) -> str:
 def write_output(path: str, records: list[dict[str, Any]], names: list[str]) -> None:
     out = Path(path)
     if out.suffix not in (".csv", ".jsonl"):
-        raise DiffalignError(f"--output {path!r} has an unknown format: use .csv or .jsonl")
+        raise DiffalignError(f"--output-file {path!r} has an unknown format: use .csv or .jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".jsonl":
-        out.write_text("".join(json.dumps(r) + "\n" for r in records))
+        atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in records))
         return
-    with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["image", "prompt", *names])
-        writer.writeheader()
-        writer.writerows(records)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=["image", "prompt", *names])
+    writer.writeheader()
+    writer.writerows(records)
+    atomic_write_text(out, text.getvalue())
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffalign.rewards import load_reward
-
-    names = [n.strip() for n in args.reward.split(",") if n.strip()]
-    if not names:
-        raise DiffalignError("--reward is empty: name at least one reward, e.g. --reward pickscore")
     if args.batch_size < 1:
         raise DiffalignError(f"--batch-size {args.batch_size} must be at least 1")
-    paths = parse_assignments(args.path, "--path")
-    unknown = sorted(set(paths) - set(names))
-    if unknown:
-        raise DiffalignError(f"--path names {', '.join(unknown)}, not in --reward {','.join(names)}: fix the name")
-    options = parse_options(args.opt, names)
+    dtype = parse_dtype(args.dtype)
     rows, images = load_rows(read_rows(args), args.skip_bad)
-    rewards = {n: load_reward(n, path=paths.get(n), device=args.device, dtype=args.dtype, **options[n]) for n in names}
+    specs = parse_reward_specs(args.reward)  # every check before the first reward model loads
+    options = parse_options(args.reward_opt, [spec.name for spec in specs])
+    rewards = load_rewards(specs, device=args.device, dtype=dtype, options=options)
+    names = list(rewards)
     scores = score_all(rewards, images, [r["prompt"] for r in rows], args.batch_size)
     records = [{**row, **{n: scores[n][i] for n in names}} for i, row in enumerate(rows)]
     print(format_table(records, names))
-    if args.output:
-        write_output(args.output, records, names)
-        print(f"wrote {len(records)} rows to {args.output}")
+    if args.output_file:
+        write_output(args.output_file, records, names)
+        print(f"wrote {len(records)} rows to {args.output_file}")
     return 0

@@ -5,7 +5,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 import torch
-from rank_helpers import brightness, redness
+from helpers import brightness, redness
 
 from diffalign import label as lab
 from diffalign.errors import DiffalignError
@@ -13,8 +13,8 @@ from diffalign.rewards import REWARDS, register_reward
 
 
 def make_cfg(prompts_file, out, **kw):
-    base = dict(model="unused", prompts=str(prompts_file), output=str(out), rewards=["test-red", "test-bright"],
-                num_images=3, seed=7, batch_size=4, steps=2, guidance=3.0, resolution=32)
+    base = dict(model="unused", prompts=str(prompts_file), output_dir=str(out), rewards=["test-red", "test-bright"],
+                num_images=3, seed=7, batch_size=4, num_inference_steps=2, guidance_scale=3.0, resolution=32)
     base.update(kw)
     return lab.LabelConfig(**base)
 
@@ -128,7 +128,7 @@ def test_label_cli_with_a_saved_pipeline(tiny_sd_dir, prompts_file, tmp_path, ca
     from diffalign.cli import main
 
     code = main(["label", "--model", str(tiny_sd_dir), "--prompts", str(prompts_file), "--num-images", "2",
-                 "--reward", "test-red", "--output", str(tmp_path / "cli"), "--steps", "1", "--resolution", "32",
+                 "--reward", "test-red", "--output-dir", str(tmp_path / "cli"), "--num-inference-steps", "1", "--resolution", "32",
                  "--captions", "perturb"])
     assert code == 0
     pairs = pq.read_table(tmp_path / "cli" / "pairs.parquet").to_pylist()
@@ -171,3 +171,23 @@ def test_bad_prompt_files_and_nan_rewards(tiny_sd, tmp_path, monkeypatch):
         lab.label(make_cfg(one, tmp_path / "z", rewards=["my_rewards:short"]), pipe=tiny_sd)
     with pytest.raises(DiffalignError, match="module:function"):
         lab.label(make_cfg(one, tmp_path / "w", rewards=["my_rewards:missing"]), pipe=tiny_sd)
+
+
+def test_a_model_folders_sampling_settings_apply_unless_flags_override_them(prompts_file, tmp_path, monkeypatch):
+    import torch
+
+    import diffalign.sampler
+
+    seen = []
+
+    def generate(pipe, prompts, *, seeds, **kwargs):
+        seen.append(kwargs)
+        return torch.zeros(len(prompts), 3, 8, 8)
+
+    monkeypatch.setattr(diffalign.sampler, "generate", generate)
+    # toy-sd ships diffalign.json (20 steps, guidance 4), as eval reads it: not the pipeline's 50 / 7.5
+    lab.generate_images(None, ["a"], [0], make_cfg(prompts_file, tmp_path, model="toy-sd", num_inference_steps=None,
+                                                   guidance_scale=None, resolution=None))
+    lab.generate_images(None, ["a"], [0], make_cfg(prompts_file, tmp_path, model="toy-sd"))
+    assert seen[0] == {"num_inference_steps": 20, "guidance_scale": 4.0}
+    assert seen[1] == {"num_inference_steps": 2, "guidance_scale": 3.0, "height": 32, "width": 32}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from data_helpers import pickapic_rows, write_parquet
+from helpers import pickapic_rows, write_parquet
 
 from diffalign.cache import CachedDataset, build_cache
 from diffalign.data import DataConfig, build_dataset, collate_groups
@@ -75,7 +75,7 @@ def test_cached_groups_equal_direct_encoding(tmp_path, parquet):
             assert torch.equal(batch["cond"][name][i], per_image[name])
             assert torch.equal(batch["prompt_cond"][name][i], prompt[name][0])
     assert batch["cond"]["prompt_embeds"].shape == (2, 2, 3, 5)
-    assert torch.equal(batch["empty_cond"]["pooled"], adapter.encode_prompts([""])["pooled"])
+    assert torch.equal(cached.empty_cond["pooled"], adapter.encode_prompts([""])["pooled"])
 
 
 def shard_contents(folder):

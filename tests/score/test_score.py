@@ -11,7 +11,7 @@ import torch
 from diffalign.cli import main
 from diffalign.rewards import load_reward
 
-from rewards_helpers import random_pil
+from helpers import random_pil
 
 
 @pytest.fixture
@@ -25,9 +25,8 @@ def images(tmp_path):
 
 def test_prompt_and_images_to_csv(tmp_path, images, hf_clip_folder, capsys):
     out = tmp_path / "scores.csv"
-    argv = ["score", "--reward", "pickscore,toy-judge", "--path", f"pickscore={hf_clip_folder}",
-            "--path", f"toy-judge={hf_clip_folder}", "--prompt", "a cat", *map(str, images),
-            "--output", str(out), "--batch-size", "2"]
+    argv = ["score", "--reward", f"pickscore@{hf_clip_folder},toy-judge@{hf_clip_folder}",
+            "--prompt", "a cat", *map(str, images), "--output-file", str(out), "--batch-size", "2"]
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "img0.png" in table and "pickscore" in table and "toy-judge" in table
@@ -44,13 +43,13 @@ def test_jsonl_input_with_a_corrupt_image(tmp_path, images, hf_clip_folder, caps
     lines = [{"prompt": "a dog", "image": "img0.png"}, {"prompt": "a cat", "image": "broken.png"},
              {"prompt": "a bird", "image": "img2.png"}]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    base = ["score", "--reward", "pickscore", "--path", f"pickscore={hf_clip_folder}", "--input", str(tmp_path / "in.jsonl")]
+    base = ["score", "--reward", f"pickscore@{hf_clip_folder}", "--input", str(tmp_path / "in.jsonl")]
     assert main(base) == 2
     err = capsys.readouterr().err
     assert "broken.png" in err and "corrupt" in err and "--skip-bad" in err and err.count("\n") == 1
     out = tmp_path / "out.jsonl"
     with pytest.warns(UserWarning, match="skipping .*broken.png"):
-        assert main(base + ["--skip-bad", "--output", str(out)]) == 0
+        assert main(base + ["--skip-bad", "--output-file", str(out)]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in records] == ["a dog", "a bird"]
     reward = load_reward("pickscore", path=str(hf_clip_folder))
@@ -58,11 +57,11 @@ def test_jsonl_input_with_a_corrupt_image(tmp_path, images, hf_clip_folder, caps
     torch.testing.assert_close(torch.tensor([r["pickscore"] for r in records]), expected, atol=1e-4, rtol=0)
 
 
-def test_usage_errors(tmp_path, capsys):
+def test_usage_errors(tmp_path, images, capsys):
     assert main(["score", "--reward", "pickscore"]) == 2
     assert "nothing to score" in capsys.readouterr().err
     assert main(["score", "--reward", "nope", "--prompt", "x", "a.png"]) == 2
     err = capsys.readouterr().err
     assert "not found" in err  # images are read before any model loads
-    assert main(["score", "--reward", "hpsv2", "--path", "pickscore=x", "--prompt", "x", "a.png"]) == 2
-    assert "--path names pickscore" in capsys.readouterr().err
+    assert main(["score", "--reward", "hpsv2", "--reward-opt", "pickscore:scale=1", "--prompt", "x", str(images[0])]) == 2
+    assert "--reward-opt 'pickscore:scale=1' names pickscore" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from diffalign import captions as cap
+from diffalign.cli import main
 from diffalign.errors import DiffalignError
 
 
@@ -78,8 +79,8 @@ def test_parquet_gets_caption_columns_and_loads_for_training(tmp_path):
                       "jpg_0": [png((255, 0, 0)), png((0, 0, 255))], "jpg_1": [png((0, 0, 255)), png((255, 0, 0))],
                       "label_0": [0.0, 1.0], "label_1": [1.0, 0.0]})
     pq.write_table(table, tmp_path / "in.parquet")
-    assert cap.main(["--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out.parquet"),
-                     "--strategy", "perturb", "--seed", "3"]) == 0
+    assert main(["captions", "--input", str(tmp_path / "in.parquet"), "--output-file", str(tmp_path / "out.parquet"),
+                 "--strategy", "perturb", "--seed", "3"]) == 0
     rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
     assert rows[0]["caption_1"] == "two red circles" and rows[0]["caption_0"] == cap.perturb_text("two red circles", seed=3)
     assert rows[1]["caption_0"] == "a blue square" and rows[1]["caption_1"] != "a blue square"
@@ -88,7 +89,7 @@ def test_parquet_gets_caption_columns_and_loads_for_training(tmp_path):
     assert first["captions"] == [rows[0]["caption_1"], rows[0]["caption_0"]]  # winner first
     bad = tmp_path / "bad.parquet"
     pq.write_table(table.drop_columns(["jpg_1"]), bad)
-    assert cap.main(["--input", str(bad), "--output", str(tmp_path / "x.parquet"), "--strategy", "perturb"]) == 2
+    assert main(["captions", "--input", str(bad), "--output-file", str(tmp_path / "x.parquet"), "--strategy", "perturb"]) == 2
 
 
 def test_jsonl_pairs_and_ranked_lists(tmp_path):
