@@ -2,7 +2,7 @@
 
 Toy world (CPU, or --device cuda):
     python benchmarks/bench_label.py --model toy-sd --reward toy-reward --num-prompts 32 \
-        --num-images 4 --batch-size 16 --steps 20 --guidance 4 --out runs/bench_label_toy.json
+        --num-images 4 --batch-size 16 --num-inference-steps 20 --guidance-scale 4 --out runs/bench_label_toy.json
 
 Runs a fresh `diffalign label` job on the first N toy training prompts (model loading is not
 timed; generation, scoring and writing the rows are) and prints label's own stats plus the
@@ -27,21 +27,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--num-images", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--num-inference-steps", type=int, default=None, help="default: the model folder's diffalign.json")
+    p.add_argument("--guidance-scale", type=float, default=None, help="default: the model folder's diffalign.json")
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="fp32")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (the shared CI box has 2 cores)")
     p.add_argument("--out", default=None, help="also write the result as JSON here")
     return p.parse_args(argv)
 
 
 def toy_prompts(n: int) -> list[str]:
-    from diffalign.toy.render import split_prompts
+    """The first n toy training prompts, as shipped in assets/toy-data/prompts_train.txt."""
+    from diffalign.paths import asset
 
-    train, _ = split_prompts()
-    return [scene.prompt for scene in train[:n]]
+    return (asset("toy-data") / "prompts_train.txt").read_text().splitlines()[:n]
 
 
 def main(argv=None) -> int:
@@ -52,16 +52,17 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         prompts = Path(tmp) / "prompts.txt"
         prompts.write_text("\n".join(toy_prompts(args.num_prompts)) + "\n")
-        cfg = LabelConfig(model=args.model, prompts=str(prompts), output=str(Path(tmp) / "out"),
+        cfg = LabelConfig(model=args.model, prompts=str(prompts), output_dir=str(Path(tmp) / "out"),
                           rewards=[r for r in args.reward.split(",") if r], num_images=args.num_images,
-                          batch_size=args.batch_size, steps=args.steps, guidance=args.guidance, resolution=args.resolution,
+                          batch_size=args.batch_size, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                          resolution=args.resolution,
                           device=args.device, dtype=args.dtype)
         stats = label(cfg)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else None
     result = {
         "model": args.model, "rewards": cfg.rewards, "prompts": args.num_prompts, "images_per_prompt": args.num_images,
-        "batch_size": args.batch_size, "steps": args.steps, "guidance": args.guidance, "device": gpu or f"cpu x{args.threads} threads",
+        "batch_size": args.batch_size, "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale, "device": gpu or f"cpu x{args.threads} threads",
         **{k: v for k, v in stats.items() if k not in ("ranked", "pairs")},
     }
     print(json.dumps(result, indent=2))

@@ -2,7 +2,7 @@
 
 Quality (the toy world, CPU):
     python benchmarks/bench_reno.py --model toy-sd --reward toy-reward --judge toy-judge \
-        --num-prompts 20 --iterations 50 --steps 4 --out runs/bench_reno_toy.json
+        --num-prompts 20 --iterations 50 --num-inference-steps 4 --out runs/bench_reno_toy.json
 
 For each held-out toy prompt: ReNO from the seed's noise for `iterations` evaluations, and
 best-of-N sampling with N = iterations fresh noises (the first is ReNO's starting noise), so
@@ -11,7 +11,7 @@ scores the initial, ReNO and best-of-N images, to show whether the gain transfer
 
 Cost (real-size architectures with random weights, e.g. on a GPU):
     python benchmarks/bench_reno.py --arch sd-turbo --reward-towers 3 --device cuda \
-        --dtype float16 --iterations 10 --num-prompts 1
+        --dtype fp16 --iterations 10 --num-prompts 1
 SD-Turbo = SD 2.1 UNet + VAE + OpenCLIP-H text encoder, 512 px, 1 step; each reward tower is a
 random PickScore-shaped CLIP ViT-H-14 (ReNO runs HPS, PickScore and CLIP: three ViT-H).
 """
@@ -28,22 +28,22 @@ from pathlib import Path
 
 import torch
 
-from diffalign.reno import load_pipeline, optimize_latent, resolve_rewards
-from diffalign.reno_generators import build_generator
+from diffalign.edges import load_pipeline, load_rewards, parse_dtype
+from diffalign.reno import optimize_latent, resolve_rewards
+from diffalign.sampler import build_generator
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="toy-sd", help="pipeline folder or shipped asset")
     p.add_argument("--arch", choices=("sd-turbo",), help="build this real-size architecture with random weights")
-    p.add_argument("--reward", default="toy-reward", help="registry name optimised (weight 1)")
+    p.add_argument("--reward", default="toy-reward", metavar="NAME[@PATH]",
+                   help="the reward optimised (weight 1): a registry name, @ its weights folder if not the registry's")
     p.add_argument("--reward-towers", type=int, default=1, help="--arch: random CLIP-H reward towers")
-    p.add_argument("--reward-path", default=None, help="weights folder of --reward (default: the registry's)")
-    p.add_argument("--judge", default=None, help="registry name of a held-out judge (toy-judge)")
-    p.add_argument("--judge-path", default=None, help="weights folder of --judge")
+    p.add_argument("--judge", default=None, metavar="NAME[@PATH]", help="a held-out judge (toy-judge)")
     p.add_argument("--num-prompts", type=int, default=20)
     p.add_argument("--iterations", type=int, default=50)
-    p.add_argument("--steps", type=int, default=1, help="generator sampling steps")
+    p.add_argument("--num-inference-steps", type=int, default=1, help="generator sampling steps")
     p.add_argument("--guidance-scale", type=float, default=0.0, help="> 1: classifier-free guidance")
     p.add_argument("--lr", type=float, default=5.0)
     p.add_argument("--reg-weight", type=float, default=0.01)
@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-cudnn-benchmark", action="store_true",
                    help="keep cuDNN's default algorithms (slow fp16 conv backward at 512 px)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="--arch: a CLIP tokenizer folder (default: written offline, needs open_clip)")
@@ -62,10 +62,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def heldout_prompts(n: int) -> list[str]:
-    """n held-out toy prompts, evenly spread over the fixed held-out split."""
-    from diffalign.toy.render import split_prompts
+    """n held-out toy prompts, evenly spread over the fixed held-out split
+    (assets/toy-data/prompts_heldout.txt)."""
+    from diffalign.paths import asset
 
-    heldout = [scene.prompt for scene in split_prompts()[1]]
+    heldout = (asset("toy-data") / "prompts_heldout.txt").read_text().splitlines()
     stride = max(1, len(heldout) // n)
     return heldout[::stride][:n]
 
@@ -166,7 +167,7 @@ def peak_rss_mib() -> float:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
+    dtype = parse_dtype(args.dtype)
     cuda = args.device.startswith("cuda")
     # Same shapes every iteration: let cuDNN time its algorithms once. Its default pick for the
     # VAE's fp16 conv backward at 512 px cost ~170 ms of ~250 ms GPU time per iteration (H100).
@@ -177,19 +178,17 @@ def main(argv=None) -> int:
         reward_fns = random_clip_h_rewards(args.reward_towers, args.device, dtype, tokenizer)
         prompts = ["a photo of an astronaut riding a horse on the moon"] * args.num_prompts
     else:
-        pipe = load_pipeline(args.model, args.device, dtype)
-        reward_fns = resolve_rewards({args.reward: 1.0}, device=args.device, paths={args.reward: args.reward_path})
+        pipe = load_pipeline(args.model, dtype, device=args.device)
+        reward_fns = resolve_rewards({args.reward: 1.0}, device=args.device)
         prompts = heldout_prompts(args.num_prompts)
     judge = None
     if args.judge:
-        from diffalign.rewards import load_reward
-
-        judge = load_reward(args.judge, path=args.judge_path, device=args.device)
+        (judge,) = load_rewards(args.judge, device=args.device).values()
     rows, timings, peaks = [], [], []
     baseline = peak_rss_mib()  # models loaded: the growth past this is the optimisation's own
     for index, prompt in enumerate(prompts):
         seed = args.seed + index
-        generator = build_generator(pipe, prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, seed=seed,
+        generator = build_generator(pipe, prompt, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, seed=seed,
                                     gradient_checkpointing=not args.no_checkpointing)
         noise = torch.randn(generator.latent_shape, generator=torch.Generator().manual_seed(seed))
         if cuda:

@@ -82,11 +82,12 @@ def real_pipeline(name: str, tokenizer_dir: str):
 
 # --------------------------------------------------------------------------- one case
 def run_case(case: dict) -> dict:
+    from diffalign import elbo
     from diffalign.config import TrainConfig
     from diffalign.models import load_adapter
     from diffalign.objectives import get_objective, resolve_hparams
     from diffalign.testing import TINY_RESOLUTION, tiny_pipeline
-    from diffalign.train import compute_loss, setup_denoiser
+    from diffalign.train import compute_loss, draw_step, setup_denoiser
 
     torch.manual_seed(0)
     device = torch.device(case["device"])
@@ -119,14 +120,14 @@ def run_case(case: dict) -> dict:
             cond = adapter.encode_prompts(prompts)
         batch = {**batch, "latents": lat.view(b, k, *lat.shape[1:]),
                  "cond": {n: v.unsqueeze(1).expand(b, k, *v.shape[1:]) for n, v in cond.items()},
-                 "prompt_cond": cond, "empty_cond": None}
+                 "prompt_cond": cond}
         del batch["pixels"]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def training_step(i):
         with autocast:
-            loss, _ = compute_loss(adapter, adapter.denoiser, batch, cfg, objective, hparams, reference,
-                                   torch.Generator().manual_seed(i), device)
+            loss, _ = compute_loss(adapter, adapter.denoiser, batch, objective, hparams, reference,
+                                   draw_step(adapter, batch, torch.Generator().manual_seed(i), len(batch['prompts'])), device)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -135,12 +136,12 @@ def run_case(case: dict) -> dict:
     with torch.no_grad():
         lat = adapter.encode_images(pixels.flatten(0, 1).to(device, adapter.pipe.vae.dtype))
         cond = {n: v.repeat_interleave(k, 0) for n, v in adapter.encode_prompts(prompts).items()}
-    t = adapter.sample_timesteps(b * k, torch.Generator().manual_seed(0)).to(device)
+    t = elbo.draw_timesteps(adapter, b * k, torch.Generator().manual_seed(0)).to(device)
     noise = torch.randn_like(lat)
 
     def bare_step(with_ref):
         with autocast:
-            xt = adapter.add_noise(lat, noise, t)
+            xt = elbo.add_noise(adapter, lat, noise, t)
             if with_ref:
                 with torch.no_grad():
                     adapter.predict(adapter.denoiser, xt, t, cond)

@@ -11,7 +11,7 @@
     python benchmarks/diagnose_toy.py paraphrase                   # does the model read a reworded prompt?
 
 Every probe generates with the evaluation's seeds (`seed + prompt_index * images + j`) on the
-held-out prompts, 20 steps (`--steps`), and scores with toy-judge and toy-reward.
+held-out prompts, 20 steps (`--num-inference-steps`), and scores with toy-judge and toy-reward.
 
 * headroom: mean score of the renderer's own picture of each held-out prompt against the base
   model's samples (and the LoRA's, with --lora), and the share of samples that show no shape at
@@ -31,47 +31,54 @@ held-out prompts, 20 steps (`--steps`), and scores with toy-judge and toy-reward
 * drawn-pairs: no sampling. Writes Pick-a-Pic pairs from the shipped K = 4 lists of `--model`
   (assets/toy-data/MODEL/ranked.parquet) that leave out the images with no shape: the best
   against the worst *drawn* image of each list, for the prompts with two or more. Train on it
-  with `diffalign train --config configs/quickstart.yaml --model toy-sd --dataset drawn.parquet`.
+  with `diffalign train --config configs/quickstart/toy-sd/dpo.yaml --dataset drawn.parquet`.
 * dcpo-captions: no sampling. The shipped pairs of `--model` with other DCPO captions, to measure
-  how far from the prompt the loser's caption can go (docs/benchmarks.md, "DCPO in the toy
-  world"). `--captions same`: both captions are the prompt (DCPO is then Diffusion-DPO at DCPO's
-  beta); `paraphrase`: the loser gets the prompt reworded, same meaning (`toy.render.paraphrase`,
-  one rewrite); `edit`: the loser gets the prompt with one attribute changed at random within the
-  toy grammar (`toy.render.perturb`, a DCPO-p perturbation in toy words only); `described`: both
-  images get a caption, the prompt with each attribute changed to the value toy-reward scores
-  highest for the image (two sweeps; never a held-out prompt).
-  Train on it with `diffalign train --method dcpo --config configs/quickstart.yaml --dataset F`.
-* paraphrase: the model's samples from each held-out prompt reworded (`toy.render.paraphrase`)
+  how far from the prompt the loser's caption can go (docs/benchmarks.md, "What did not work").
+  `--captions same`: both captions are the prompt (DCPO is then Diffusion-DPO at DCPO's beta);
+  `paraphrase`: the loser gets the prompt reworded, same meaning (tools.toy.render.paraphrase,
+  one rewrite; toy-flow's shipped caption_1); `edit`: the loser gets the prompt with one
+  attribute changed at random within the toy grammar (tools.toy.render.perturb, a DCPO-p
+  perturbation in toy words only); `described`: both images get a caption, the prompt with each
+  attribute changed to the value toy-reward scores highest for the image (two sweeps; never a
+  held-out prompt). Train on it with
+  `diffalign train --config configs/quickstart/toy-sd/dcpo.yaml --dataset F`.
+* paraphrase: the model's samples from each held-out prompt reworded (tools.toy.render.paraphrase)
   against its samples from the prompt itself, same seeds, both scored on the prompt. A win near
   0.5 means the model reads the rewording as the same prompt.
+
+Run from the repo root of a clone: the probes import tools.toy, which is not installed.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from diffalign.evaluate import (generate, image_seeds, load_lora, load_pipeline, load_rewards, pipeline_denoiser,
-                                read_prompts, score, summarise)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ (not installed) from a clone
+
+from diffalign.edges import load_pipeline, load_rewards, read_prompts
+from diffalign.evaluate import generate, image_seeds, load_lora, pipeline_denoiser, score, summarise
 
 REWARDS = "toy-judge,toy-reward"
 
 
 def setup(args):
     prompts = read_prompts("toy")[: args.max_prompts]
-    all_prompts = [p for p in prompts for _ in range(args.images)]
-    seeds = image_seeds(len(prompts), args.images, args.seed)
-    prompt_ids = [i for i in range(len(prompts)) for _ in range(args.images)]
+    all_prompts = [p for p in prompts for _ in range(args.num_images)]
+    seeds = image_seeds(len(prompts), args.num_images, args.seed)
+    prompt_ids = [i for i in range(len(prompts)) for _ in range(args.num_images)]
     device = torch.device("cpu")
-    pipe = load_pipeline(args.model, device, torch.float32)
+    pipe = load_pipeline(args.model, torch.float32, device=device)
     return pipe, all_prompts, seeds, prompt_ids, load_rewards(REWARDS, device), device
 
 
 def call_kwargs(args, guidance: float | None = None) -> dict:
-    return {"num_inference_steps": args.steps, "guidance_scale": args.guidance if guidance is None else guidance}
+    return {"num_inference_steps": args.num_inference_steps,
+            "guidance_scale": args.guidance_scale if guidance is None else guidance}
 
 
 def report(label: str, model_images, base_images, prompts, prompt_ids, rewards, device) -> None:
@@ -105,7 +112,7 @@ def shows_no_shape(images: torch.Tensor) -> torch.Tensor:
 def headroom(args) -> None:
     import numpy as np
 
-    from diffalign.toy.render import parse_prompt, render
+    from tools.toy.render import parse_prompt, render
 
     pipe, prompts, seeds, _, rewards, device = setup(args)
     renders = torch.stack([torch.from_numpy(np.array(render(parse_prompt(p), 10_000_000 + s))).permute(2, 0, 1)
@@ -217,8 +224,8 @@ def guidance(args) -> None:
 def paraphrase(args) -> None:
     import random
 
-    from diffalign.toy.render import paraphrase as reword
-    from diffalign.toy.render import parse_prompt
+    from tools.toy.render import paraphrase as reword
+    from tools.toy.render import parse_prompt
 
     pipe, prompts, seeds, ids, rewards, device = setup(args)
     reworded = [reword(parse_prompt(p), random.Random(f"{args.seed}:{p}")) for p in prompts]
@@ -244,7 +251,7 @@ def samplers(args) -> None:
     config = pipe.scheduler.config
     for name, (cls, overrides, steps) in SAMPLERS.items():
         pipe.scheduler = getattr(diffusers, cls).from_config(config, **overrides)
-        images = generate(pipe, prompts, seeds, 32, {"num_inference_steps": steps, "guidance_scale": args.guidance}, name)
+        images = generate(pipe, prompts, seeds, 32, {"num_inference_steps": steps, "guidance_scale": args.guidance_scale}, name)
         means = [f"{reward_name} {torch.tensor(score(reward, images, prompts, 32, device)).mean():6.2f}"
                  for reward_name, reward in rewards.items()]
         print(f"{name:20} no shape {shows_no_shape(images).float().mean():.2f}  " + "  ".join(means), flush=True)
@@ -277,9 +284,9 @@ def describe(images01: torch.Tensor, prompts: list[str], reward_dir, sweeps: int
     chosen, so no held-out prompt reaches the training text."""
     from dataclasses import replace
 
-    from diffalign.toy import clip_reward, common
-    from diffalign.toy.preference_data import load_clip
-    from diffalign.toy.render import ATTRIBUTES, VALUES, all_scenes, parse_prompt, split_prompts
+    from tools.toy import clip_reward, common
+    from tools.toy.preference_data import load_clip
+    from tools.toy.render import ATTRIBUTES, VALUES, all_scenes, parse_prompt, split_prompts
 
     model, tokenizer = load_clip(reward_dir, torch.device("cpu"))
     scenes = all_scenes()
@@ -308,8 +315,8 @@ def dcpo_captions(args) -> None:
     import pandas as pd
 
     from diffalign.paths import asset
-    from diffalign.toy.preference_data import loser_caption
-    from diffalign.toy.render import parse_prompt, perturb
+    from tools.toy.preference_data import loser_caption
+    from tools.toy.render import parse_prompt, perturb
 
     path = Path(args.pairs) if args.pairs else asset("toy-data") / args.model / "pairs.parquet"
     if not path.is_file():
@@ -340,11 +347,12 @@ def main() -> None:
                                            "drawn-pairs", "dcpo-captions", "paraphrase"])
     parser.add_argument("--model", default="toy-sd")
     parser.add_argument("--lora", help="a trained LoRA folder (needed by branches and guidance; optional for headroom and sensitivity)")
-    parser.add_argument("--images", type=int, default=2, help="images per held-out prompt")
+    parser.add_argument("--num-images", type=int, default=2, help="images per held-out prompt")
     parser.add_argument("--max-prompts", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--guidance", type=float, default=4.0)
-    parser.add_argument("--steps", type=int, default=20, help="sampling steps (20: the data's and the quickstart's)")
+    parser.add_argument("--guidance-scale", type=float, default=4.0)
+    parser.add_argument("--num-inference-steps", type=int, default=20,
+                        help="sampling steps (20: the data's and the quickstart's)")
     parser.add_argument("--scales", default="2,3,4,6,8")
     parser.add_argument("--noise", type=float, default=0.01, help="sensitivity: noise in units of each weight's std")
     parser.add_argument("--output", help="drawn-pairs, dcpo-captions: the parquet file to write")

@@ -22,8 +22,8 @@ def _toy(name: str, path: str | None, device, dtype, opts: dict[str, Any]) -> Pi
         folder = asset(name)
         if not (folder / "config.json").is_file():
             raise DiffalignError(
-                f"toy asset {str(folder)!r} is missing: build it with `python -m diffalign.toy build --only {name}` "
-                "or pass path=<folder>"
+                f"toy asset {str(folder)!r} is missing: build it from a clone with "
+                f"`python -m tools.toy build --only {name}` or pass path=<folder>"
             )
         path = str(folder)
     return PickScoreReward.from_pretrained(path, device, dtype, name=name, **opts)

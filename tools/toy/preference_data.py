@@ -9,12 +9,11 @@ Written for each base model under assets/toy-data/<model>/:
   worst of each list, label_0 = 1 (the winner is always jpg_0), plus Pick-Double Caption's
   caption_0/caption_1 for DCPO (one file, so the images are stored once), made as DCPO-p makes
   them: the winner keeps the prompt, the loser gets the prompt perturbed (`loser_caption`).
-  toy-sd: one word changed by diffalign.captions' rules (`python -m diffalign.captions
-  --strategy perturb --strength weak`, seed 0). toy-flow: the prompt reworded, the toy stand-in
-  for DCPO-p's paraphrasing model (toy.render.paraphrase), which wins more there than the
-  one-word change. Captions that describe the loser instead cost DCPO its gain in the toy world,
-  where every description is itself a prompt to follow (docs/benchmarks.md, "DCPO in the toy
-  world").
+  toy-sd: one word changed by diffalign.captions' rules (`diffalign captions --strategy perturb
+  --perturb-strength weak`, seed 0). toy-flow: the prompt reworded, the toy stand-in for DCPO-p's
+  paraphrasing model (tools.toy.render.paraphrase), which wins more there than the one-word
+  change. Captions that describe the loser instead cost DCPO its gain in the toy world, where
+  every description is itself a prompt to follow (docs/benchmarks.md, "What did not work").
 - stats.json: settings, sizes, toy-reward/toy-judge agreement and base-model accuracy.
 """
 
@@ -31,8 +30,8 @@ import torch
 from tqdm.auto import tqdm
 
 from diffalign.captions import perturb_text
-from diffalign.toy import clip_reward
-from diffalign.toy.render import ATTRIBUTES, VALUES, Scene, all_scenes, paraphrase, parse_prompt, split_prompts
+from tools.toy import clip_reward
+from tools.toy.render import ATTRIBUTES, VALUES, Scene, all_scenes, paraphrase, parse_prompt, split_prompts
 
 K = 4
 HELDOUT_IMAGES = 2  # per held-out prompt, for the base model's prompt-following numbers

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from diffalign.toy import common
-from diffalign.toy.render import ATTRIBUTES, IMAGE_SIZE, Scene, all_scenes, perturb, split_prompts
+from tools.toy import common
+from tools.toy.render import ATTRIBUTES, IMAGE_SIZE, Scene, all_scenes, perturb, split_prompts
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -2,7 +2,7 @@
 
 Both are real diffusers pipelines (`DiffusionPipeline.from_pretrained("assets/toy-sd")`):
 - toy-sd: StableDiffusionPipeline. CLIPTextModel + AutoencoderKL (32 px -> 4x16x16 latents)
-  + UNet2DConditionModel (cross-attention to the prompt at 16x16 and 8x8; SD_VARIANTS),
+  + UNet2DConditionModel (cross-attention to the prompt at 16x16, one head, and at 8x8),
   epsilon prediction, DDPM training, DDIM sampling (20 steps).
 - toy-flow: StableDiffusion3Pipeline. Two CLIPTextModelWithProjection + the same VAE +
   SD3Transformer2DModel, rectified-flow training, FlowMatchEulerDiscreteScheduler.
@@ -16,7 +16,6 @@ has the numbers), which leaves room for preference alignment.
 from __future__ import annotations
 
 import json
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,17 +24,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from diffalign.errors import DiffalignError
-from diffalign.toy import common
-from diffalign.toy.render import IMAGE_SIZE, PARAPHRASE_REWRITES, paraphrase, split_prompts
+from tools.toy import common
+from tools.toy.render import IMAGE_SIZE, split_prompts
 
 LATENT_CHANNELS = 4
 LATENT_SIZE = IMAGE_SIZE // 2  # two VAE blocks: one 2x downsampling
 CFG_DROPOUT = 0.1
-
-
-# The toy-sd recipe in assets/ (a key of SD_VARIANTS, below; docs/toy.md says why this one).
-SHIPPED_SD_VARIANT = "attn16-1head"
 
 
 @dataclass
@@ -48,18 +42,6 @@ class GeneratorSpec:
     batch_size: int = 32
     lr: float = 1e-3
     renders_per_scene: int = 8
-    sd_variant: str = SHIPPED_SD_VARIANT  # a key of SD_VARIANTS
-    # Share of training prompts replaced by a rewording of the same scene (toy.render.paraphrase),
-    # so the model learns that word order does not change the meaning. 0 ships: the generators
-    # see one word order, which a paraphrased caption (DCPO-p) then reads as new text.
-    reworded: float = 0.0
-    # An optional second stage for toy-flow (0: the shipped recipe has none): continue the saved
-    # toy-flow for this many steps with half its prompts reworded, at a lower peak lr. Unlike
-    # `reworded` from the start, which left a weaker model at the same 700 steps, it keeps what
-    # the first stage learnt (docs/benchmarks.md, "DCPO in the toy world", session 11).
-    flow_reword_steps: int = 0
-    flow_reword_lr: float = 3e-4
-    flow_reword_share: float = 0.5
 
 
 def clipped_step(loss: torch.Tensor, params: list, optimiser, schedule) -> None:
@@ -162,28 +144,17 @@ def encode_bank(vae, bank: torch.Tensor, device: torch.device, shift: float, sca
     return torch.cat(means), torch.cat(stds)
 
 
-def reworded_prompt(scene, rng: random.Random) -> str:
-    """The scene's prompt in one of its other word orders (one to three of paraphrase's rewrites)."""
-    return paraphrase(scene, rng, rewrites=rng.randint(1, len(PARAPHRASE_REWRITES)))
-
-
 def generator_batches(spec: GeneratorSpec, vae, device: torch.device, shift: float, seed_offset: int = 0):
     """Yields (latents, prompts) batches forever, over train scenes x seeded renders."""
     train_scenes, _ = split_prompts()
     bank = common.render_bank(train_scenes, spec.renders_per_scene, common.SEEDS_GENERATOR)
-    owner_scenes = [s for s in train_scenes for _ in range(spec.renders_per_scene)]
-    owners = [s.prompt for s in owner_scenes]
+    owners = [s.prompt for s in train_scenes for _ in range(spec.renders_per_scene)]
     mean, std = encode_bank(vae, bank.flatten(0, 1), device, shift, vae.config.scaling_factor)
     gen = torch.Generator().manual_seed(spec.seed + 1000 * seed_offset)
-    # its own stream, so that reworded = 0 draws exactly the batches it always drew
-    reword_rng = random.Random(spec.seed + 1000 * seed_offset + 7)
     while True:
         idx = torch.randint(0, len(owners), (spec.batch_size,), generator=gen)
         drop = torch.rand(spec.batch_size, generator=gen) < CFG_DROPOUT
         prompts = ["" if d else owners[i] for i, d in zip(idx.tolist(), drop.tolist())]
-        if spec.reworded > 0:
-            prompts = [reworded_prompt(owner_scenes[i], reword_rng) if p and reword_rng.random() < spec.reworded else p
-                       for i, p in zip(idx.tolist(), prompts)]
         idx = idx.to(device)
         noise = torch.randn(mean[idx].shape, generator=gen).to(device)
         yield mean[idx] + std[idx] * noise, prompts
@@ -192,58 +163,36 @@ def generator_batches(spec: GeneratorSpec, vae, device: torch.device, shift: flo
 # ---------------------------------------------------------------------------------- toy-sd
 
 
-@dataclass(frozen=True)
-class SdVariant:
-    """How toy-sd's UNet sees the prompt."""
-
-    attention_at_16: bool  # cross-attention at the 16x16 level too, not only at 8x8
-    text_length: int  # tokens the prompt is padded to (the tokenizer's model_max_length)
-    # Offset from GeneratorSpec.seed to re-seed before the UNet is built; 0 keeps the RNG stream
-    # as it was (attn8's UNet draws right after the text encoder, as it always has).
-    unet_seed: int
-    # Attention heads at 16x16 (diffusers' legacy `attention_head_dim` counts heads). Eight heads
-    # of 4 channels make CPU attention over 256 positions slow for nothing: one head of 32 runs
-    # the same attention about 8x faster (flash SDPA, forward + backward). Head count changes no
-    # parameter shape, so a variant that differs only here starts from the same weights.
-    heads_at_16: int = 8
+# toy-sd's prompt: toy prompts are at most 14 tokens, so padding to 16 instead of CLIP's 77 pays
+# for most of the cross-attention at 16x16.
+SD_TEXT_LENGTH = 16
+# The UNet's initial weights come from their own seeded stream (GeneratorSpec.seed + 7).
+SD_UNET_SEED_OFFSET = 7
+# Attention heads at 16x16 (diffusers' legacy `attention_head_dim` counts heads) and at 8x8. One
+# head of 32 channels runs CPU attention over the 256 positions at 16x16 about 8x faster than
+# eight heads of 4 (flash SDPA, forward + backward) and changes no parameter shape.
+SD_HEADS = (1, 8)
 
 
-SD_VARIANTS = {
-    # Attention to the prompt only at 8x8, where it is cheap on a CPU: shipped until session 8.
-    # DPO's held-out toy-judge win stalled at 0.59-0.61 on it (docs/benchmarks.md).
-    "attn8": SdVariant(attention_at_16=False, text_length=77, unet_seed=0),
-    # Text attention at 16x16 as well. Toy prompts are at most 14 tokens, so padding to 16
-    # instead of 77 pays for most of the extra attention. DPO passes the toy bar on it (0.62-0.64,
-    # 3 seeds), but eight 4-channel heads over 256 positions make its quickstart take 10 minutes.
-    "attn16": SdVariant(attention_at_16=True, text_length=16, unet_seed=7),
-    # What ships: attn16 with one head at 16x16. Same initial weights as attn16; its quickstart
-    # trains in 0.30 s a step (attn16: 0.72 s, attn8: 0.23 s) and takes 4 min 22 s in all.
-    "attn16-1head": SdVariant(attention_at_16=True, text_length=16, unet_seed=7, heads_at_16=1),
-}
-
-
-def build_sd_parts(tokenizer_dir: Path, seed: int, variant: str = SHIPPED_SD_VARIANT):
+def build_sd_parts(tokenizer_dir: Path, seed: int):
+    """toy-sd's untrained parts: the UNet reads the prompt at 16x16 as well as at 8x8, since
+    reading it at 8x8 only left DPO short of the toy bar (docs/benchmarks.md, "What did not work")."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    if variant not in SD_VARIANTS:
-        raise DiffalignError(f"unknown toy-sd variant {variant!r}: choose from {', '.join(SD_VARIANTS)}")
-    shape = SD_VARIANTS[variant]
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=shape.text_length)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=SD_TEXT_LENGTH)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
     ))
-    if shape.unet_seed:
-        torch.manual_seed(seed + shape.unet_seed)
-    top = "CrossAttn" if shape.attention_at_16 else ""
+    torch.manual_seed(seed + SD_UNET_SEED_OFFSET)
     unet = UNet2DConditionModel(
         sample_size=LATENT_SIZE, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
-        down_block_types=(f"{top}DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", f"{top}UpBlock2D"),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
-        attention_head_dim=(shape.heads_at_16, 8) if shape.attention_at_16 else 8, norm_num_groups=16,
+        attention_head_dim=SD_HEADS, norm_num_groups=16,
     )
     # DDPM's linear betas end close to zero SNR at t=T: flat-colour toy images would otherwise
     # leak their mean colour into the "pure noise" start (SD's scaled_linear keeps ~7% signal).
@@ -253,27 +202,20 @@ def build_sd_parts(tokenizer_dir: Path, seed: int, variant: str = SHIPPED_SD_VAR
 
 
 def train_toy_sd(out_dir: Path, vae_dir: Path, tokenizer_dir: Path, spec: GeneratorSpec, device: torch.device,
-                 log=print, resume: int = 0) -> dict:
+                 log=print) -> dict:
     """`spec.sd_cycles` warm-restarted cycles of `spec.steps` steps. Each cycle starts from the
-    previous one's fp16-rounded weights and draws its own seeded batches, so `resume=N` (start
-    from the toy-sd already in out_dir, saved after N cycles) gives the same result as one
-    uninterrupted run."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    previous one's fp16-rounded weights (what a save and reload between cycles would give) and
+    draws its own seeded batches."""
+    from diffusers import StableDiffusionPipeline
 
     start = time.time()
     vae = load_vae(vae_dir, device, keep_shift=False)
-    tokenizer, text_encoder, unet, scheduler = build_sd_parts(tokenizer_dir, spec.seed, spec.sd_variant)
-    first_cycle = int(resume)
-    if first_cycle:  # the saved toy-sd has the trimmed toy vocabulary: use its own tokenizer
-        tokenizer = CLIPTokenizer.from_pretrained(out_dir / "tokenizer")
-        unet = UNet2DConditionModel.from_pretrained(out_dir / "unet").to(torch.float32)
-        text_encoder = CLIPTextModel.from_pretrained(out_dir / "text_encoder", dtype=torch.float32)
+    tokenizer, text_encoder, unet, scheduler = build_sd_parts(tokenizer_dir, spec.seed)
     text_encoder.to(device).train()
     unet.to(device).train()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     alphas = scheduler.alphas_cumprod.to(device)
-    for cycle in range(first_cycle, spec.sd_cycles):
+    for cycle in range(spec.sd_cycles):
         if cycle > 0:
             with torch.no_grad():  # what a save and reload between cycles would do
                 for p in params:
@@ -377,49 +319,6 @@ def train_toy_flow(out_dir: Path, vae_dir: Path, tokenizer_dir: Path, spec: Gene
     metrics = {"train_seconds": round(time.time() - start, 1), "final_loss": round(loss.item(), 4),
                "transformer_params": sum(p.numel() for p in transformer.parameters())}
     log(f"[toy-flow] saved to {out_dir}: {metrics}")
-    return metrics
-
-
-def reword_toy_flow(model_dir: Path, work: Path, spec: GeneratorSpec, device: torch.device, log=print) -> dict:
-    """toy-flow's rewording stage: load the saved toy-flow from `model_dir` (fp16 weights, toy
-    vocabulary), train its text encoders and transformer `spec.flow_reword_steps` more steps on
-    batches where `spec.flow_reword_share` of the prompts are reworded, save it back."""
-    import shutil
-    from dataclasses import replace
-
-    from diffalign.toy.preference_data import load_toy_pipeline
-
-    start = time.time()
-    pipe = load_toy_pipeline(model_dir, device).to(torch.float32)
-    te1, te2, transformer, vae = pipe.text_encoder, pipe.text_encoder_2, pipe.transformer, pipe.vae
-    vae.requires_grad_(False).eval()
-    for module in (te1, te2, transformer):
-        module.train()
-    params = [p for m in (te1, te2, transformer) for p in m.parameters()]
-    steps, lr = spec.flow_reword_steps, spec.flow_reword_lr
-    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps, pct_start=0.05)
-    # batches and noise of their own (seed offset 5), not a replay of the first stage's
-    batches = generator_batches(replace(spec, reworded=spec.flow_reword_share), vae, device,
-                                shift=vae.config.shift_factor, seed_offset=5)
-    gen = torch.Generator().manual_seed(spec.seed + 511)
-    for step in tqdm(range(steps), desc="reword toy-flow", mininterval=5):
-        x0, prompts = next(batches)
-        loss = flow_matching_loss(pipe, x0, prompts, gen, device)
-        clipped_step(loss, params, optimiser, schedule)
-        if log_every(step, steps):
-            log(f"[toy-flow reword] step {step} loss {loss.item():.4f}")
-    for module in (te1, te2, transformer):
-        module.eval()
-    # save_pipeline_fp16 replaces the tokenizer folders with a copy of tokenizer_dir: keep the
-    # model's own (trimmed) tokenizer outside model_dir while it does
-    tokenizer_copy = work / "toy-flow-tokenizer"
-    shutil.rmtree(tokenizer_copy, ignore_errors=True)
-    shutil.copytree(model_dir / "tokenizer", tokenizer_copy)
-    save_pipeline_fp16(pipe.to("cpu"), model_dir, tokenizer_copy)
-    metrics = {"reword_seconds": round(time.time() - start, 1), "reword_final_loss": round(loss.item(), 4),
-               "reword_steps": steps}
-    log(f"[toy-flow] rewording stage saved to {model_dir}: {metrics}")
     return metrics
 
 

@@ -1,9 +1,10 @@
-"""`python -m diffalign.toy build`: rebuild the shipped toy assets from scratch, seeded.
+"""`python -m tools.toy build`: rebuild the shipped toy assets from scratch, seeded.
 
-    python -m diffalign.toy build                       # everything, in dependency order
-    python -m diffalign.toy build --only toy-reward,toy-judge --device cuda
-    python -m diffalign.toy grid --out docs/img/toy-samples.png   # rendered vs sampled scenes
-    python -m diffalign.toy trim-vocab                  # shrink saved models to the toy vocabulary
+Run from the repo root of a clone (tools/ is not installed with the package):
+
+    python -m tools.toy build                       # everything, in dependency order
+    python -m tools.toy build --only toy-reward,toy-judge --device cuda
+    python -m tools.toy grid --out docs/img/toy-samples.png   # rendered vs sampled scenes
 
 Builders, in order (each reads only what the earlier ones wrote):
   toy-reward, toy-judge   CLIP rewards (clip_reward.py)
@@ -30,11 +31,11 @@ from diffalign.errors import DiffalignError
 BUILDERS = ("toy-reward", "toy-judge", "vae", "toy-sd", "toy-flow", "toy-data")
 # toy-data: every training prompt, best and worst of 8 samples (plus two between, for the K=4
 # ranked lists). 15,552 samples: minutes on a GPU, about 1.7 hours on a 2-core CPU.
-DATA_PROMPTS = None  # all 972
 CANDIDATES = 8
-# DCPO-p's loser caption per generator (preference_data.loser_caption): on toy-flow the prompt
-# reworded wins more than the caption rules' one-word change, on toy-sd the reverse
-# (docs/benchmarks.md, "DCPO in the toy world"). Any other generator folder gets the rules'.
+# DCPO-p's loser caption per generator (preference_data.loser_caption): on each generator, the
+# kind that gave DCPO the larger held-out gain (docs/benchmarks.md, "What did not work"); why
+# the two generators differ is not known. Any other generator folder gets the rules' one-word
+# change, what `diffalign captions` writes for any user's data.
 LOSER_CAPTIONS = {"toy-sd": "perturb", "toy-flow": "paraphrase"}
 
 
@@ -48,26 +49,15 @@ def tokenizer_dir(work: Path) -> Path:
 
 
 def run_builder(name: str, out: Path, work: Path, device: torch.device, smoke: bool = False,
-                data_models: tuple[str, ...] = ("toy-sd", "toy-flow"), resume_sd: int = 0,
-                data_prompts: int | None = None, candidates: int | None = None,
-                sd_cycles: int | None = None, sd_variant: str | None = None, reworded: float = 0.0,
-                flow_reword_steps: int = 0, resume_flow: bool = False) -> dict:
+                data_models: tuple[str, ...] = ("toy-sd", "toy-flow")) -> dict:
     from dataclasses import replace
 
-    from diffalign.toy import clip_reward, generators, preference_data
+    from tools.toy import clip_reward, generators, preference_data
 
     tok = tokenizer_dir(work)
     spec = generators.GeneratorSpec()
-    if sd_cycles:
-        spec = replace(spec, sd_cycles=sd_cycles)
-    if sd_variant:
-        spec = replace(spec, sd_variant=sd_variant)
-    if reworded:
-        spec = replace(spec, reworded=reworded)
-    if flow_reword_steps:
-        spec = replace(spec, flow_reword_steps=flow_reword_steps)
     reward_spec, judge_spec = clip_reward.REWARD_SPEC, clip_reward.JUDGE_SPEC
-    prompts_per_model = {m: data_prompts or DATA_PROMPTS for m in ("toy-sd", "toy-flow")}
+    prompts_per_model = {"toy-sd": None, "toy-flow": None}  # None: all 972 training prompts
     if smoke:  # a few steps of everything: checks the plumbing, not the models
         spec = replace(spec, vae_steps=2, steps=2, batch_size=8, renders_per_scene=1)
         reward_spec = replace(reward_spec, steps=2, batch_size=16, renders_per_scene=1)
@@ -80,19 +70,11 @@ def run_builder(name: str, out: Path, work: Path, device: torch.device, smoke: b
     if name == "vae":
         return generators.train_vae(work / "vae", spec, device)
     if name in ("toy-sd", "toy-flow"):
-        if not (name == "toy-flow" and resume_flow):
-            require(work / "vae" / "config.json", "vae")
-        if name == "toy-sd":
-            metrics = generators.train_toy_sd(out / name, work / "vae", tok, spec, device, resume=resume_sd)
-        elif resume_flow:  # the rewording stage only, on the toy-flow already in --out
-            require(out / name / "model_index.json", "toy-flow")
-            metrics = {}
-        else:
-            metrics = generators.train_toy_flow(out / name, work / "vae", tok, spec, device)
-        vocab_size = trim_asset(out / name)
-        if name == "toy-flow" and spec.flow_reword_steps:
-            metrics.update(generators.reword_toy_flow(out / name, work, spec, device))
-        return {**metrics, "vocab_size": vocab_size}
+        require(work / "vae" / "config.json", "vae")
+        train = generators.train_toy_sd if name == "toy-sd" else generators.train_toy_flow
+        metrics = train(out / name, work / "vae", tok, spec, device)
+        write_sampling_defaults(out / name)
+        return {**metrics, "vocab_size": trim_asset(out / name)}
     # toy-data. The rewards do not depend on the generators: a generator built into another --out
     # is labelled and judged by the shipped toy-reward and toy-judge unless --out has its own.
     from diffalign.paths import asset
@@ -106,31 +88,36 @@ def run_builder(name: str, out: Path, work: Path, device: torch.device, smoke: b
     preference_data.write_prompt_lists(data)
     return {
         model: preference_data.build_preference_data(out / model, rewards["toy-reward"], rewards["toy-judge"], data / model,
-                                                     device, prompts_per_model[model], heldout_prompts,
-                                                     candidates or CANDIDATES, LOSER_CAPTIONS.get(model, "perturb"))
+                                                     device, prompts_per_model.get(model), heldout_prompts,
+                                                     CANDIDATES, LOSER_CAPTIONS.get(model, "perturb"))
         for model in data_models
     }
 
 
 def trim_asset(folder: Path) -> int:
-    """Models train with CLIP's full tokenizer and ship with the toy vocabulary (toy/vocab.py)."""
-    from diffalign.toy.vocab import trim_asset as trim, trimmed_vocabulary
+    """Models train with CLIP's full tokenizer and ship with the toy vocabulary (tools/toy/vocab.py)."""
+    from tools.toy.vocab import trim_asset as trim, trimmed_vocabulary
 
     trim(folder)
     return len(trimmed_vocabulary()[0])
 
 
+def write_sampling_defaults(folder: Path) -> None:
+    """diffalign.json: the sampler settings the toy data is drawn with, which every diffalign
+    command then takes as this model's defaults (diffalign.edges.sampling_defaults)."""
+    from tools.toy.preference_data import GUIDANCE, STEPS
+
+    (folder / "diffalign.json").write_text(json.dumps({"num_inference_steps": STEPS, "guidance_scale": GUIDANCE}) + "\n")
+
+
 def require(path: Path, builder: str) -> None:
     if not path.exists():
-        raise DiffalignError(f"{path} is missing: build it first with `python -m diffalign.toy build --only {builder}`")
+        raise DiffalignError(f"{path} is missing: build it first with `python -m tools.toy build --only {builder}`")
 
 
 def build(only: list[str], out: Path, work: Path, device_name: str, smoke: bool = False,
-          data_models: tuple[str, ...] = ("toy-sd", "toy-flow"), resume_sd: int = 0,
-          data_prompts: int | None = None, candidates: int | None = None, sd_cycles: int | None = None,
-          sd_variant: str | None = None, reworded: float = 0.0, flow_reword_steps: int = 0,
-          resume_flow: bool = False) -> dict:
-    from diffalign.toy.common import pick_device
+          data_models: tuple[str, ...] = ("toy-sd", "toy-flow")) -> dict:
+    from tools.toy.common import pick_device
 
     unknown = [n for n in only if n not in BUILDERS]
     if unknown:
@@ -144,8 +131,7 @@ def build(only: list[str], out: Path, work: Path, device_name: str, smoke: bool 
     for name in [b for b in BUILDERS if b in only]:
         start = time.time()
         print(f"== building {name} on {device}", flush=True)
-        results[name] = run_builder(name, out, work, device, smoke, data_models, resume_sd, data_prompts, candidates,
-                                    sd_cycles, sd_variant, reworded, flow_reword_steps, resume_flow)
+        results[name] = run_builder(name, out, work, device, smoke, data_models)
         results[name + "_seconds"] = round(time.time() - start, 1)
         stem = name if name != "toy-data" else f"toy-data-{'+'.join(data_models)}"
         (work / "metrics" / f"{stem}.json").write_text(json.dumps(
@@ -155,9 +141,9 @@ def build(only: list[str], out: Path, work: Path, device_name: str, smoke: bool 
 
 def write_sample_grid(out_png: Path, assets: Path, device_name: str = "cpu", rows: int = 6) -> Path:
     """Rows of held-out prompts: a render of the scene, then 3 toy-sd and 3 toy-flow samples."""
-    from diffalign.toy import preference_data
-    from diffalign.toy.common import pick_device
-    from diffalign.toy.render import make_grid, render, split_prompts
+    from tools.toy import preference_data
+    from tools.toy.common import pick_device
+    from tools.toy.render import make_grid, render, split_prompts
 
     device = pick_device(device_name)
     _, heldout = split_prompts()
@@ -187,9 +173,8 @@ def to_pil(image01: torch.Tensor):
 
 def main(argv: list[str] | None = None) -> int:
     from diffalign.paths import assets_dir
-    from diffalign.toy.generators import SD_VARIANTS, SHIPPED_SD_VARIANT
 
-    parser = argparse.ArgumentParser(prog="python -m diffalign.toy", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.toy", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="rebuild toy assets")
     b.add_argument("--only", default=",".join(BUILDERS), help=f"comma-separated subset of {', '.join(BUILDERS)}")
@@ -197,25 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--work", type=Path, default=Path("build/toy"), help="intermediate files (tokenizer, vae, metrics)")
     b.add_argument("--device", default="cpu", help="cpu (default, reproducible), cuda or auto")
     b.add_argument("--data-models", default="toy-sd,toy-flow", help="which generators toy-data samples from")
-    b.add_argument("--data-prompts", type=int, default=None, help="toy-data: training prompts per generator")
-    b.add_argument("--candidates", type=int, default=None, help="toy-data: samples per prompt, ranked down to K=4")
-    b.add_argument("--resume-sd", type=int, nargs="?", const=1, default=0, metavar="N",
-                   help="toy-sd: continue from the toy-sd in --out, saved after N training cycles (default 1)")
-    b.add_argument("--sd-cycles", type=int, default=None, help="toy-sd: training cycles in all (default: the recipe's)")
-    b.add_argument("--sd-variant", default=SHIPPED_SD_VARIANT, choices=tuple(SD_VARIANTS),
-                   help=f"toy-sd: text attention at 8x8 only (attn8, shipped before) or at 16x16 too with 8 heads "
-                        f"(attn16) or one (attn16-1head); default {SHIPPED_SD_VARIANT}, what ships")
-    b.add_argument("--reworded", type=float, default=0.0, metavar="SHARE",
-                   help="toy-sd, toy-flow: share of training prompts given in another word order "
-                        "(toy.render.paraphrase); 0, what ships, trains on one word order")
-    b.add_argument("--flow-reword-steps", type=int, default=0, metavar="N",
-                   help="toy-flow: a second stage of N steps with half the prompts reworded, from the saved "
-                        "toy-flow (0, what ships: none)")
-    b.add_argument("--resume-flow", action="store_true",
-                   help="toy-flow: run only the rewording stage, on the toy-flow already in --out")
     b.add_argument("--smoke", action="store_true", help="two steps of everything: a plumbing check, useless models")
-    t = sub.add_parser("trim-vocab", help="shrink shipped toy models to the toy vocabulary (idempotent)")
-    t.add_argument("--assets", type=Path, default=None, help="assets folder (default: the package's assets/)")
     g = sub.add_parser("grid", help="write a picture of rendered vs sampled held-out scenes")
     g.add_argument("--out", type=Path, default=Path("docs/img/toy-samples.png"))
     g.add_argument("--assets", type=Path, default=None, help="assets folder (default: the package's assets/)")
@@ -225,17 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "build":
             only = [n.strip() for n in args.only.split(",") if n.strip()]
             data_models = tuple(m.strip() for m in args.data_models.split(",") if m.strip())
-            results = build(only, args.out or assets_dir(), args.work, args.device, args.smoke, data_models,
-                            args.resume_sd, args.data_prompts, args.candidates, args.sd_cycles, args.sd_variant,
-                            args.reworded, args.flow_reword_steps, args.resume_flow)
+            results = build(only, args.out or assets_dir(), args.work, args.device, args.smoke, data_models)
             print(json.dumps(results, indent=2))
-        elif args.command == "trim-vocab":
-            for name in ("toy-sd", "toy-flow", "toy-reward", "toy-judge"):
-                if ((args.assets or assets_dir()) / name).is_dir():
-                    print(name, "vocabulary:", trim_asset((args.assets or assets_dir()) / name))
         else:
             print(write_sample_grid(args.out, args.assets or assets_dir(), args.device))
     except DiffalignError as err:
-        print(f"diffalign.toy: error: {err}")
+        print(f"python -m tools.toy: error: {err}")
         return 2
     return 0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from diffalign.toy.render import Scene, render
+from tools.toy.render import Scene, render
 
 # Render seeds are drawn from disjoint ranges so no builder trains on another's images and
 # the held-out evaluation images are never trained on.

@@ -32,7 +32,7 @@ EMBEDDING_KEY = "embeddings.token_embedding.weight"  # "text_model." in front in
 
 def toy_texts() -> list[str]:
     """Every prompt of the toy world, the empty (unconditional) prompt and the edit words."""
-    from diffalign.toy.render import all_scenes
+    from tools.toy.render import all_scenes
 
     return [s.prompt for s in all_scenes()] + [""]
 

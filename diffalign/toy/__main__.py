@@ -1,5 +1,0 @@
-import sys
-
-from diffalign.toy.build import main
-
-sys.exit(main())

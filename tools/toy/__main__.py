@@ -1,0 +1,5 @@
+import sys
+
+from tools.toy.build import main
+
+sys.exit(main())
