@@ -1,7 +1,9 @@
-"""Reward throughput (images/s) and peak memory, with random weights.
+"""Reward throughput (images/s) and peak memory, with random weights; and, with --fidelity, how
+far the differentiable tensor path is from the original's PIL path on the same images.
 
     python benchmarks/bench_rewards.py                                   # CPU, tiny models
     python benchmarks/bench_rewards.py --size real --device cuda --dtypes fp32,fp16,bf16
+    python benchmarks/bench_rewards.py --fidelity --size real            # tensor vs PIL path
 
 `--size tiny` builds scaled-down models with the original key layouts (as the tests do);
 `--size real` builds the released architectures (HPSv2: open_clip ViT-H-14; PickScore: CLIP-H
@@ -137,6 +139,88 @@ def bench_one(name: str, size: str, device: str, dtype: str, batch: int, iters: 
     return result
 
 
+def fidelity_images(count: int, width: int, height: int) -> dict[str, list]:
+    """Natural-looking images (toy renders, 32 px, upscaled with PIL's Lanczos) and uniform noise,
+    all uint8 RGB PIL images of width x height."""
+    import io
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from diffalign.paths import asset
+
+    table = pq.read_table(asset("toy-data") / "toy-sd" / "pairs.parquet", columns=["jpg_0"]).to_pylist()
+    renders = [Image.open(io.BytesIO(row["jpg_0"])).convert("RGB") for row in table[::max(len(table) // count, 1)][:count]]
+    rng = np.random.default_rng(0)
+    return {
+        "natural": [im.resize((width, height), Image.LANCZOS) for im in renders],
+        "noise": [Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)) for _ in range(count)],
+    }
+
+
+def fidelity_one(name: str, reward, images: dict[str, list], prompts: list[str]) -> list[dict]:
+    """Per image set: pixel and score differences between score(tensor) and score(PIL)."""
+    from diffalign.rewards.base import OPENAI_CLIP_STD, pil_to_tensor
+
+    std = torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1)
+    rows = []
+    for kind, pils in images.items():
+        tensors = torch.stack([pil_to_tensor(im) for im in pils])
+        pixel = torch.stack([((reward.transform(t[None])[0] - reward.pil_transform(im)) * std).abs() * 255 for t, im in zip(tensors, pils)])
+        with torch.no_grad():
+            from_pil = reward.score(pils, prompts[: len(pils)])
+            from_tensor = reward.score(tensors, prompts[: len(pils)])
+        delta = (from_tensor - from_pil).abs()
+        rows.append({"reward": name, "images": kind, "n": len(pils), "pixel_max_grey": round(float(pixel.max()), 2),
+                     "pixel_mean_grey": round(float(pixel.mean()), 3), "score_mean": round(float(from_pil.mean()), 4),
+                     "score_std": round(float(from_pil.std()), 4), "delta_max": float(f"{float(delta.max()):.3g}"),
+                     "delta_mean": float(f"{float(delta.mean()):.3g}"),
+                     "delta_over_std": float(f"{float(delta.max() / from_pil.std().clamp(min=1e-12)):.3g}")})
+    return rows
+
+
+def video_fidelity(images: dict[str, list]) -> list[dict]:
+    """VideoReward: frames (the image sets as clips) resized by the differentiable tensor path vs
+    the original's uint8 torchvision resize (what video files and exact=True get), at the
+    release's max_frame_pixels. Pixels only: the score needs the 2B model."""
+    from diffalign.rewards.base import pil_to_tensor
+    from diffalign.rewards.videoreward import resize_frames_uint8, resize_frames_uint8_like, smart_resize
+
+    rows = []
+    for kind, pils in images.items():
+        frames = torch.stack([pil_to_tensor(im) for im in pils]) * 255
+        h, w = smart_resize(*frames.shape[-2:], 28, 128 * 28 * 28, 448 * 448)
+        delta = (resize_frames_uint8_like(frames, h, w) - resize_frames_uint8(frames.round().to(torch.uint8), h, w)).abs()
+        rows.append({"reward": "videoreward", "images": kind, "n": len(pils), "pixel_max_grey": round(float(delta.max()), 2),
+                     "pixel_mean_grey": round(float(delta.mean()), 3), "score_mean": None, "score_std": None,
+                     "delta_max": None, "delta_mean": None, "delta_over_std": None})
+    return rows
+
+
+def fidelity(names: list[str], size: str, count: int) -> list[dict]:
+    """Tensor path vs PIL path for each reward: 512x384 inputs for the 224 px rewards (random
+    weights at `size`), 96x72 for the shipped, trained toy rewards (32 px)."""
+    from diffalign.rewards import load_reward
+
+    prompts = [line for line in (Path(__file__).resolve().parents[1] / "assets" / "toy-data" / "prompts_heldout.txt").read_text().splitlines() if line][:count]
+    rows = []
+    for name in names:
+        torch.manual_seed(0)
+        if name == "videoreward":
+            rows += video_fidelity(fidelity_images(count, 1280, 720))  # a 720p clip, downscaled to max_frame_pixels
+            continue
+        if name.startswith("toy-"):
+            reward, images = load_reward(name), fidelity_images(count, 96, 72)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                reward = build(name, size, Path(tmp)).eval().requires_grad_(False)
+            images = fidelity_images(count, 512, 384)
+        rows += fidelity_one(name, reward, images, prompts)
+        print(f"{name}: done", file=sys.stderr)
+    return rows
+
+
 def format_table(rows: list[dict]) -> str:
     cols = ["reward", "dtype", "params_M", "batch", "score_img_s", "score_peak_MiB", "grad_img_s", "grad_peak_MiB", "finite"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -158,10 +242,23 @@ def main() -> None:
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="torch.backends.cudnn.benchmark=True (fp16 gradients: cuDNN's default pick for the patch conv is slow)")
     parser.add_argument("--output", help="write all rows as JSON here")
+    parser.add_argument("--fidelity", action="store_true",
+                        help="measure tensor path vs the original's PIL path per reward (CPU, in this process)")
+    parser.add_argument("--count", type=int, default=8, help="--fidelity: images per set (natural, noise)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child-process mode
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    if args.fidelity:
+        names = args.rewards.split(",") if args.rewards != ",".join(NAMES) else [*NAMES, "toy-reward", "toy-judge", "videoreward"]
+        rows = fidelity(names, args.size, args.count)
+        cols = list(rows[0])
+        print(f"\ntensor vs PIL path, {args.size} models, {args.count} images per set\n")
+        print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+        print("\n".join("| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows))
+        if args.output:
+            Path(args.output).write_text(json.dumps(rows, indent=2))
+        return
     if args.one:  # child: exactly one reward and dtype; print one JSON line
         print(json.dumps(bench_one(args.rewards, args.size, args.device, args.dtypes, args.batch, args.iters, args.resolution)))
         return

@@ -58,8 +58,12 @@ class FunctionReward(nn.Module):
         self.fn = fn
         self.name = name
 
-    def score(self, images: ImageInput, prompts: PromptInput) -> Tensor:
+    def score(self, images: ImageInput, prompts: PromptInput, *, exact: bool = False) -> Tensor:
+        """`exact`: tensors are rounded to 8-bit pixels first, as a saved image would be (a plain
+        callable has no preprocessing of its own to follow)."""
         prompts = check_batch(images, prompts, video=isinstance(images, Tensor) and images.ndim == 5)
+        if exact and isinstance(images, Tensor):
+            images = (images.detach().clamp(0, 1) * 255).round() / 255
         if not isinstance(images, Tensor):
             items = [load_image(item) for item in images]
             if len({tuple(x.shape) for x in items}) != 1:
@@ -174,13 +178,13 @@ class CombinedReward(nn.Module):
             return (scores - mean) / std
         return scores
 
-    def forward(self, images: ImageInput, prompts: PromptInput) -> tuple[Tensor, dict[str, Tensor]]:
-        parts = {name: reward.score(images, prompts) for name, reward in self.rewards.items()}
+    def forward(self, images: ImageInput, prompts: PromptInput, *, exact: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+        parts = {name: reward.score(images, prompts, exact=exact) for name, reward in self.rewards.items()}
         total = sum(self.weights[name] * self._normalized(name, s) for name, s in parts.items())
         return total, parts
 
-    def score(self, images: ImageInput, prompts: PromptInput) -> Tensor:
-        return self.forward(images, prompts)[0]
+    def score(self, images: ImageInput, prompts: PromptInput, *, exact: bool = False) -> Tensor:
+        return self.forward(images, prompts, exact=exact)[0]
 
 
 def combine(weights: Mapping[Any, float], normalize: Any = False, *, paths: Mapping[str, str] | None = None,

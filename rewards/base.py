@@ -1,10 +1,15 @@
-"""Shared pieces of every reward: the `score()` contract, input checks, torch preprocessing,
-and weight loading.
+"""Shared pieces of every reward: the `score()` contract, input checks, preprocessing, and
+weight loading.
 
-Preprocessing is written in torch (`F.interpolate`, padding, normalisation), never with PIL,
-so a tensor image stays differentiable from the reward back to the latents. PIL images and
-file paths are accepted for convenience: they are converted to [0, 1] tensors one by one and
-go through the very same torch code.
+Two preprocessing paths, both honest:
+- PIL images and image files go through each original's own preprocessing (the HF image
+  processor's PIL resize for PickScore/CLIP, torchvision's PIL transforms for ImageReward,
+  open_clip's transform for the open_clip CLIP score, hpsv2's ToTensor-then-resize), so a score
+  equals the original's on the same weights and file. Each reward passes its `pil_transform`.
+- Tensor images are resized, cropped, padded and normalised in torch (`F.interpolate` bicubic
+  with antialias), so they stay differentiable from the reward back to the latents. The
+  difference to the PIL path is measured per reward in docs/rewards.md. `exact=True` sends
+  tensors through the PIL path instead (rounded to uint8 first; no gradient).
 
 This module imports only torch, PIL and `diffalign.errors` at import time.
 """
@@ -29,6 +34,9 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # range mistakes ([-1, 1] or [0, 255]) are far larger.
 RANGE_TOLERANCE = 1e-3
 
+# Files that are videos, not images, by suffix (videoreward reads them; image rewards refuse them).
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif")
+
 ImageInput = Union[Tensor, Sequence[Any]]  # tensor, or a list of PIL images / paths / tensors
 PromptInput = Union[str, Sequence[str]]
 
@@ -40,11 +48,13 @@ class Reward(Protocol):
     `score(images, prompts)` returns a float32 tensor of shape (B,), higher is better,
     differentiable with respect to tensor images, with no reduction over the batch. Rewards
     never apply weights, sign flips or offsets: that is the caller's job (see `combine`).
+    `exact=True` sends tensors through the original's own preprocessing (as 8-bit images, no
+    gradient), so a score equals the original code's on the saved image.
     """
 
     name: str
 
-    def score(self, images: ImageInput, prompts: PromptInput) -> Tensor: ...
+    def score(self, images: ImageInput, prompts: PromptInput, *, exact: bool = False) -> Tensor: ...
 
 
 # ----------------------------------------------------------------------------------------
@@ -101,24 +111,43 @@ def check_batch(images: ImageInput, prompts: PromptInput, video: bool = False) -
 
 def load_image(item: Any) -> Tensor:
     """A PIL image, a path, or a (3, H, W) tensor -> float (3, H, W) tensor in [0, 1]."""
-    from PIL import Image
-
     if isinstance(item, Tensor):
         return check_image_tensor(item[None])[0]
+    return pil_to_tensor(load_pil(item))
+
+
+def load_pil(item: Any) -> Any:
+    """A PIL image or an image file path -> a PIL image with its pixels read and its mode kept
+    (the originals open files with `Image.open` and convert to RGB inside their transforms)."""
+    from PIL import Image
+
     if isinstance(item, (str, os.PathLike)):
         path = Path(item)
         if not path.is_file():
             raise DiffalignError(f"image file {str(path)!r} not found: check the path")
+        if path.suffix.lower() in VIDEO_SUFFIXES:
+            raise DiffalignError(f"{str(path)!r} is a video, not an image: score it with videoreward")
         try:
             with Image.open(path) as img:
-                item = img.convert("RGB")
+                img.load()
+                item = img.copy()
         except (OSError, SyntaxError, ValueError) as err:
             raise DiffalignError(f"cannot read image {str(path)!r} ({type(err).__name__}): the file is corrupt or not an image") from None
     if not isinstance(item, Image.Image):
         raise DiffalignError(
             f"cannot score an image of type {type(item).__name__}: pass a tensor, PIL images or file paths"
         )
-    return pil_to_tensor(item)
+    return item
+
+
+def tensor_to_pil(image: Tensor) -> Any:
+    """(3, H, W) float in [0, 1] -> uint8 RGB PIL image, rounded as diffusers' `numpy_to_pil`
+    (what a user saving a pipeline's output would get)."""
+    import numpy as np
+    from PIL import Image
+
+    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(np.ascontiguousarray(array), mode="RGB")
 
 
 def pil_to_tensor(image: Any) -> Tensor:
@@ -134,20 +163,37 @@ def prepare_pixels(
     transform: Callable[[Tensor], Tensor],
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    pil_transform: Callable[[Any], Tensor] | None = None,
+    exact: bool = False,
 ) -> Tensor:
-    """Check `images`, run `transform` ((N, 3, H, W) in [0, 1] -> model input) and return the
-    batch on `device` in `dtype`.
+    """Check `images` and return the model input batch on `device` in `dtype`.
 
-    A tensor batch is transformed at once (differentiable). A list is transformed item by item,
-    so images of different sizes can share one batch.
+    Tensors go through `transform` ((N, 3, H, W) in [0, 1] -> model input, differentiable); a
+    tensor batch at once. PIL images and paths go through `pil_transform` (PIL image -> (3, S, S),
+    the original's own preprocessing), or `transform` after ToTensor when a reward has none.
+    `exact=True` rounds tensors to uint8 PIL images and takes the PIL path too (no gradient).
+    A list is transformed item by item, so images of different sizes can share one batch.
     """
+    def from_pil(image: Any) -> Tensor:
+        if pil_transform is None:
+            return transform(pil_to_tensor(image)[None])
+        return pil_transform(image)[None]
+
     if isinstance(images, Tensor):
-        pixels = transform(check_image_tensor(images))
+        check_image_tensor(images)
+        pixels = torch.cat([from_pil(tensor_to_pil(x)) for x in images]) if exact else transform(images)
     else:
         items = list(images)
         if not items:
             raise DiffalignError("empty list of images: pass at least one image")
-        pixels = torch.cat([transform(load_image(item)[None]) for item in items])
+        parts = []
+        for item in items:
+            if isinstance(item, Tensor):
+                item = load_image(item)
+                parts.append(from_pil(tensor_to_pil(item)) if exact else transform(item[None]))
+            else:
+                parts.append(from_pil(load_pil(item)))
+        pixels = torch.cat(parts)
     return pixels.to(device=device, dtype=dtype)
 
 
@@ -175,13 +221,16 @@ def resize_shortest_side(images: Tensor, size: int) -> Tensor:
     return resize(images, int(size * h / w), size)
 
 
-def center_crop(images: Tensor, size: int) -> Tensor:
-    """Centre crop to size x size; offsets rounded as torchvision's center_crop."""
+def center_crop(images: Tensor, size: int, rounding: str = "round") -> Tensor:
+    """Centre crop to size x size; offsets rounded as torchvision's center_crop ("round"), or
+    floored as the HF image processors' ("floor")."""
     h, w = images.shape[-2:]
     if h < size or w < size:
         raise DiffalignError(f"image of {h}x{w} is smaller than the {size}px crop: resize it first")
-    top = int(round((h - size) / 2.0))
-    left = int(round((w - size) / 2.0))
+    if rounding == "floor":
+        top, left = (h - size) // 2, (w - size) // 2
+    else:
+        top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
     return images[..., top : top + size, left : left + size]
 
 
@@ -205,16 +254,42 @@ def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Te
 
 
 def clip_crop_transform(
-    size: int = 224, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, crop_size: int | None = None
+    size: int = 224, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, crop_size: int | None = None, crop_rounding: str = "round"
 ) -> Callable[[Tensor], Tensor]:
-    """CLIPImageProcessor in torch: shortest side to `size`, centre crop (to `crop_size`,
-    default `size`), normalise."""
+    """CLIP's eval preprocessing in torch: shortest side to `size`, centre crop (to `crop_size`,
+    default `size`; offsets as torchvision, or "floor" as the HF processors), normalise."""
     crop = crop_size or size
 
     def transform(images: Tensor) -> Tensor:
-        return normalize(center_crop(resize_shortest_side(images, size), crop), mean, std)
+        return normalize(center_crop(resize_shortest_side(images, size), crop, crop_rounding), mean, std)
 
     return transform
+
+
+def torchvision_pil_crop_transform(size: int = 224, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, crop_size: int | None = None) -> Callable[[Any], Tensor]:
+    """The CLIP/BLIP eval transform on a PIL image with torchvision, in the originals' order
+    (ImageReward's `_transform`): Resize(size, bicubic) and CenterCrop on the image in its own
+    mode (PIL's bicubic on uint8), then RGB, ToTensor, Normalize. PIL image -> (3, crop, crop)."""
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    crop = crop_size or size
+
+    def transform(image: Any) -> Tensor:
+        image = TF.center_crop(TF.resize(image, size, interpolation=InterpolationMode.BICUBIC), crop)
+        return TF.normalize(TF.to_tensor(image.convert("RGB")), mean, std)
+
+    return transform
+
+
+def to_tensor_transform(transform: Callable[[Tensor], Tensor]) -> Callable[[Any], Tensor]:
+    """For originals that convert first and resize the tensor (hpsv2's preprocess_val): RGB,
+    ToTensor, then `transform`. PIL image -> (3, S, S)."""
+
+    def pil_transform(image: Any) -> Tensor:
+        return transform(pil_to_tensor(image)[None])[0]
+
+    return pil_transform
 
 
 def clip_pad_transform(size: int = 224, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD) -> Callable[[Tensor], Tensor]:
@@ -241,7 +316,7 @@ def resolve_weights(path_or_repo: str | Path, filenames: str | Sequence[str], hi
     `path_or_repo` is a file (only with a single filename: the file itself, whatever its name),
     a local folder holding the files, or a hub repo id looked up in the HF cache (downloaded
     unless HF_HUB_OFFLINE=1). Anything missing raises a one-line error that says which files
-    to place where; `hint` is appended (e.g. "or pass --path hpsv2=DIR").
+    to place where; `hint` is appended (e.g. "or pass --reward hpsv2@DIR").
     """
     names = [filenames] if isinstance(filenames, str) else list(filenames)
     where = Path(os.path.expanduser(str(path_or_repo)))
@@ -324,5 +399,5 @@ def check_scores(scores: Tensor, batch_size: int, name: str) -> Tensor:
     """Enforce the output contract: float32 (B,)."""
     scores = scores.float().reshape(-1)
     if scores.shape[0] != batch_size:
-        raise DiffalignError(f"reward {name!r} returned {scores.shape[0]} scores for {batch_size} images: fix the reward")
+        raise DiffalignError(f"reward {name!r} returned {scores.shape[0]} scores for {batch_size} images: it must return one score per image")
     return scores

@@ -6,8 +6,10 @@ Two backends over the same formula:
   default): a folder or hub id with config.json + weights and the tokenizer files;
 - open_clip (`architecture="ViT-B-32"` etc.): built with pretrained=None and a checkpoint file
   (flat state dict, or one under 'state_dict') loaded strictly.
-Both preprocess like CLIP's own processors: shortest side to the model's image size (bicubic,
-antialias), centre crop, OpenAI mean/std.
+PIL images and files go through each backend's own preprocessing: the processor's PIL image
+processor (transformers), or open_clip's `image_transform` (PIL bicubic resize, centre crop,
+OpenAI mean/std). Tensors take the same steps in torch (bicubic with antialias), differentiable;
+`exact=True` sends them through the PIL path.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class CLIPScoreReward(nn.Module):
     """CLIP score over either backend; `encode(pixels, prompts)` gives normalised features."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, backend: str, size: int = 224, crop_size: int | None = None,
-                 mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, name: str = "clip"):
+                 mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, name: str = "clip", image_processor: Any = None):
         super().__init__()
         if backend not in ("transformers", "open_clip"):
             raise DiffalignError(f"unknown CLIP backend {backend!r}: use 'transformers' or 'open_clip'")
@@ -72,7 +74,18 @@ class CLIPScoreReward(nn.Module):
         self.tokenizer = tokenizer
         self.backend = backend
         self.name = name
-        self.transform = clip_crop_transform(size, mean, std, crop_size)
+        crop = crop_size or size
+        if backend == "transformers":
+            from diffalign.rewards.pickscore import clip_pil_image_processor, hf_pil_transform
+
+            self.transform = clip_crop_transform(size, mean, std, crop, crop_rounding="floor")
+            self.image_processor = image_processor or clip_pil_image_processor(size, crop, mean, std)
+            self.pil_transform = hf_pil_transform(self.image_processor)
+        else:
+            import open_clip
+
+            self.transform = clip_crop_transform(size, mean, std, crop)
+            self.pil_transform = open_clip.image_transform(size, is_train=False, mean=tuple(mean), std=tuple(std))
 
     @classmethod
     def from_pretrained(
@@ -92,7 +105,7 @@ class CLIPScoreReward(nn.Module):
             model, tokenizer, image_cfg = load_hf_clip(path or HUB_REPO, processor, "clip")
             return cls(freeze(model, device, dtype), tokenizer, "transformers", name="clip", **image_cfg).eval()
         if path is None:
-            raise DiffalignError("the open_clip CLIP score needs weights: pass path=<checkpoint file> (--path clip=FILE)")
+            raise DiffalignError("the open_clip CLIP score needs weights: pass path=<checkpoint file> (--reward clip@FILE)")
         [file] = resolve_weights(path, "open_clip_model.safetensors", "or pass the checkpoint file itself")
         checkpoint = load_checkpoint(file)
         model, tokenizer = build_open_clip(architecture)
@@ -108,13 +121,15 @@ class CLIPScoreReward(nn.Module):
 
         return hf_clip_features(self.model, self.tokenizer, pixels, prompts)
 
-    def score(self, images: ImageInput, prompts: PromptInput) -> Tensor:
+    def score(self, images: ImageInput, prompts: PromptInput, *, exact: bool = False) -> Tensor:
+        """(B,) float32. Tensors are differentiable; PIL images, files and `exact=True` take the
+        backend's own PIL preprocessing."""
         prompts = check_batch(images, prompts)
         param = next(self.model.parameters())
-        pixels = prepare_pixels(images, self.transform, param.device, param.dtype)
+        pixels = prepare_pixels(images, self.transform, param.device, param.dtype, self.pil_transform, exact)
         image_features, text_features = self.encode(pixels, prompts)
         cosine = (image_features.float() * text_features.float()).sum(dim=-1)
         return check_scores((100.0 * cosine).clamp(min=0.0), len(prompts), self.name)
 
-    def forward(self, images: ImageInput, prompts: PromptInput) -> Tensor:
-        return self.score(images, prompts)
+    def forward(self, images: ImageInput, prompts: PromptInput, *, exact: bool = False) -> Tensor:
+        return self.score(images, prompts, exact=exact)

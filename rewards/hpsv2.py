@@ -2,8 +2,10 @@
 
 An open_clip ViT-H-14 fine-tuned on human preferences. The score is the cosine of the
 L2-normalised image and text features (no logit scale; `scale=100` gives the benchmark form
-reported in the HPSv2 tables). Preprocessing follows the official `preprocess_val`: longest
-side to 224 (bicubic, antialias), zero padding to 224x224, then OpenAI mean/std.
+reported in the HPSv2 tables). Preprocessing follows the official `preprocess_val`: RGB,
+ToTensor, then on the [0, 1] tensor: longest side to 224 (torchvision bicubic, antialias), zero
+padding to 224x224, OpenAI mean/std. The original resizes a float tensor too, so PIL images,
+files and tensors all take this one path (`exact=True` only rounds tensors to uint8 first).
 
 Weights: hub repo `xswu/HPSv2`, files HPS_v2_compressed.pt (v2.0) and HPS_v2.1_compressed.pt
 (v2.1), a dict with the open_clip state dict under 'state_dict'. The architecture is built with
@@ -30,6 +32,7 @@ from diffalign.rewards.base import (
     load_state_dict_strict,
     prepare_pixels,
     resolve_weights,
+    to_tensor_transform,
 )
 
 HUB_REPO = "xswu/HPSv2"
@@ -49,6 +52,7 @@ class HPSv2Reward(nn.Module):
         self.name = name
         self.image_size = int(model.visual.image_size[0])
         self.transform = clip_pad_transform(self.image_size)
+        self.pil_transform = to_tensor_transform(self.transform)
 
     @classmethod
     def from_pretrained(
@@ -69,7 +73,7 @@ class HPSv2Reward(nn.Module):
             raise DiffalignError(f"unknown HPS version {version!r}: use one of {', '.join(CHECKPOINTS)}")
         name = "hpsv2" if version == "v2.0" else "hpsv2.1"
         filename = CHECKPOINTS[version]
-        [file] = resolve_weights(path or HUB_REPO, filename, f"or pass --path {name}=DIR (load_reward path=)")
+        [file] = resolve_weights(path or HUB_REPO, filename, f"or pass --reward {name}@DIR (load_reward path=)")
         checkpoint = load_checkpoint(file)
         # The released files wrap the weights in {'state_dict': ...}; a bare state dict also loads.
         state_dict = checkpoint.get("state_dict", checkpoint)
@@ -85,15 +89,17 @@ class HPSv2Reward(nn.Module):
     def v2_1(cls, path: str | None = None, device=None, dtype=None, **opts: Any) -> "HPSv2Reward":
         return cls.from_pretrained(path, device, dtype, version="v2.1", **opts)
 
-    def score(self, images: ImageInput, prompts: PromptInput) -> Tensor:
+    def score(self, images: ImageInput, prompts: PromptInput, *, exact: bool = False) -> Tensor:
+        """(B,) float32, differentiable w.r.t. tensor images; `exact=True` rounds tensors to
+        uint8 images first, as a saved file would be."""
         prompts = check_batch(images, prompts)
         param = self.model.logit_scale
-        pixels = prepare_pixels(images, self.transform, param.device, param.dtype)
+        pixels = prepare_pixels(images, self.transform, param.device, param.dtype, self.pil_transform, exact)
         tokens = self.tokenizer(prompts).to(param.device)
         image_features = self.model.encode_image(pixels, normalize=True)  # (B, D)
         text_features = self.model.encode_text(tokens, normalize=True)  # (B, D)
         cosine = (image_features.float() * text_features.float()).sum(dim=-1)
         return check_scores(self.scale * cosine, len(prompts), self.name)
 
-    def forward(self, images: ImageInput, prompts: PromptInput) -> Tensor:
-        return self.score(images, prompts)
+    def forward(self, images: ImageInput, prompts: PromptInput, *, exact: bool = False) -> Tensor:
+        return self.score(images, prompts, exact=exact)

@@ -13,12 +13,16 @@ names, and `ImageReward.pt` loads strictly:
 score = (mlp(text_encoder(prompt, cross-attending to vit(image))[:, 0]) - mean) / std with the
 published mean/std; text is padded/truncated to 35 BERT tokens; the image is resized (shortest
 side, bicubic) to 224, centre-cropped and normalised with the OpenAI CLIP mean/std.
+
+PIL images and files take the original's torchvision transform on the PIL image (`_transform`:
+Resize(224, bicubic) and CenterCrop in the image's own mode, then RGB, ToTensor, Normalize), so
+they score as the original. Tensors take the same steps in torch (bicubic with antialias on
+float pixels), differentiable; `exact=True` sends them through the PIL path.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +194,7 @@ class ImageRewardReward(nn.Module):
         self.tokenizer = tokenizer
         self.mean, self.std = float(mean), float(std)
         self.transform = base.clip_crop_transform(blip.visual_encoder.image_size)
+        self.pil_transform = base.torchvision_pil_crop_transform(blip.visual_encoder.image_size)
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device=None, dtype: torch.dtype | None = None, **opts: Any) -> "ImageRewardReward":
@@ -200,20 +205,21 @@ class ImageRewardReward(nn.Module):
         `mean`, `std`, `med_config` (path to the json)."""
         return load_imagereward_shaped(path or HUB_REPO, device, dtype, "imagereward", WEIGHTS_FILE, {"mean": MEAN, "std": STD, **opts})
 
-    def score(self, images: base.ImageInput, prompts: base.PromptInput) -> Tensor:
-        """(B,) float32 ImageReward scores, roughly N(0, 1); differentiable w.r.t. tensor images."""
-        n = base.num_images(images)
-        prompts = base.check_prompts(prompts, n)
+    def score(self, images: base.ImageInput, prompts: base.PromptInput, *, exact: bool = False) -> Tensor:
+        """(B,) float32 ImageReward scores, roughly N(0, 1); differentiable w.r.t. tensor images.
+        PIL images, files and `exact=True` take the original's PIL transform."""
+        prompts = base.check_batch(images, prompts)
+        n = len(prompts)
         param = self.blip.visual_encoder.pos_embed
-        pixels = base.prepare_pixels(images, self.transform, param.device, param.dtype)
+        pixels = base.prepare_pixels(images, self.transform, param.device, param.dtype, self.pil_transform, exact)
         text = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=MAX_TEXT_LENGTH, return_tensors="pt")
         image_embeds = self.blip.visual_encoder(pixels)
         hidden = self.blip.text_encoder(text.input_ids.to(param.device), text.attention_mask.to(param.device), image_embeds)
         rewards = self.mlp.layers(hidden[:, 0])  # the [CLS] position
         return base.check_scores((rewards - self.mean) / self.std, n, self.name)
 
-    def forward(self, images: base.ImageInput, prompts: base.PromptInput) -> Tensor:
-        return self.score(images, prompts)
+    def forward(self, images: base.ImageInput, prompts: base.PromptInput, *, exact: bool = False) -> Tensor:
+        return self.score(images, prompts, exact=exact)
 
 
 # ----------------------------------------------------------------------------------------

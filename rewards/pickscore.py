@@ -1,9 +1,12 @@
 """PickScore (Kirstain et al. 2023, https://github.com/yuvalkirstain/PickScore).
 
 A transformers `CLIPModel` (CLIP-H fine-tuned on Pick-a-Pic). The score is
-`logit_scale.exp() * cosine(image, text)` (about 20-23 for real images). Preprocessing is
-CLIPImageProcessor's, in torch: shortest side to 224 (bicubic, antialias), centre crop 224,
-OpenAI mean/std. The processor folder gives the tokenizer and these image settings.
+`logit_scale.exp() * cosine(image, text)` (about 20-23 for real images). PIL images and files
+go through the processor's own PIL image processor (`CLIPImageProcessor`'s PIL backend, as the
+original README's `AutoProcessor`: PIL bicubic resize of the uint8 image, centre crop, rescale,
+OpenAI mean/std). Tensors take the same steps in torch (bicubic with antialias, crop offsets
+floored as the processor's), which keeps them differentiable; `exact=True` sends tensors through
+the PIL path. The processor folder gives the tokenizer and the image processor.
 
 Weights: hub `yuvalkirstain/PickScore_v1` (config.json + weights), processor
 `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`. A local model folder that also holds the tokenizer
@@ -46,18 +49,19 @@ def _hub_error(what: str, source: str, files: str, name: str) -> DiffalignError:
     why = "not in the HF cache and HF_HUB_OFFLINE=1" if hub_offline() else "could not be downloaded"
     return DiffalignError(
         f"{what} {source!r} {why}: download {files} from https://huggingface.co/{source} into a folder "
-        f"and pass it (--path {name}=DIR, load_reward path=)"
+        f"and pass it (--reward {name}@DIR, load_reward path=)"
     )
 
 
 def load_hf_clip(source: str, processor: str | None, name: str, default_processor: str | None = None) -> tuple[nn.Module, Any, dict]:
-    """Load a transformers CLIPModel strictly, its tokenizer, and its image settings.
+    """Load a transformers CLIPModel strictly, its tokenizer, and its image processor.
 
     The processor comes from `processor`, else from `source` when that is a local folder with
     tokenizer files (or `default_processor` is None), else from `default_processor`.
-    Returns (model, tokenizer, dict(size, crop_size, mean, std) for `clip_crop_transform`).
+    Returns (model, tokenizer, dict(size, crop_size, mean, std, image_processor)): the PIL
+    image processor and the settings the torch path copies.
     """
-    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+    from transformers import AutoTokenizer, CLIPModel
 
     source = str(source)
     if _is_local(source) and not Path(os.path.expanduser(source)).is_dir():
@@ -80,7 +84,7 @@ def load_hf_clip(source: str, processor: str | None, name: str, default_processo
     processor = processor or (source if local_processor or default_processor is None else default_processor)
     try:
         tokenizer = AutoTokenizer.from_pretrained(processor)
-        image_processor = AutoImageProcessor.from_pretrained(processor)
+        image_processor = load_pil_image_processor(processor)
     except OSError:
         raise _hub_error(f"{name} processor", processor, "the tokenizer and preprocessor_config.json files", name) from None
     image_cfg = {
@@ -88,8 +92,45 @@ def load_hf_clip(source: str, processor: str | None, name: str, default_processo
         "crop_size": int(image_processor.crop_size["height"]),
         "mean": tuple(image_processor.image_mean),
         "std": tuple(image_processor.image_std),
+        "image_processor": image_processor,
     }
     return model, tokenizer, image_cfg
+
+
+def load_pil_image_processor(processor: str) -> Any:
+    """The processor folder's image processor with transformers' PIL backend: the one the
+    original code ran (transformers 4.x's default `CLIPImageProcessor`); transformers 5 defaults
+    to a torchvision backend, which resizes differently."""
+    import warnings
+
+    import transformers
+    from transformers import AutoImageProcessor
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return AutoImageProcessor.from_pretrained(processor, backend="pil")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoImageProcessor.from_pretrained(processor, use_fast=False)
+
+
+def clip_pil_image_processor(size: int, crop_size: int, mean, std) -> Any:
+    """A CLIP PIL image processor with these settings, for rewards built without a processor folder."""
+    try:
+        from transformers.models.clip import CLIPImageProcessorPil as processor_class  # transformers 5
+    except ImportError:
+        from transformers import CLIPImageProcessor as processor_class  # 4.x: the PIL one
+
+    return processor_class(size={"shortest_edge": size}, crop_size={"height": crop_size, "width": crop_size},
+                           image_mean=list(mean), image_std=list(std))
+
+
+def hf_pil_transform(image_processor: Any):
+    """PIL image -> (3, crop, crop) pixel values from the HF image processor itself."""
+
+    def transform(image: Any) -> Tensor:
+        return torch.as_tensor(image_processor(images=[image], return_tensors="np")["pixel_values"][0])
+
+    return transform
 
 
 def hf_clip_features(model: nn.Module, tokenizer: Any, pixels: Tensor, prompts: list[str]) -> tuple[Tensor, Tensor]:
@@ -107,14 +148,17 @@ def hf_clip_features(model: nn.Module, tokenizer: Any, pixels: Tensor, prompts: 
 
 class PickScoreReward(nn.Module):
     def __init__(self, model: nn.Module, tokenizer: Any, size: int = 224, crop_size: int = 224,
-                 mean=None, std=None, name: str = "pickscore"):
+                 mean=None, std=None, name: str = "pickscore", image_processor: Any = None):
         super().__init__()
         from diffalign.rewards.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
-        self.transform = clip_crop_transform(size, mean or OPENAI_CLIP_MEAN, std or OPENAI_CLIP_STD, crop_size)
+        mean, std = mean or OPENAI_CLIP_MEAN, std or OPENAI_CLIP_STD
+        self.transform = clip_crop_transform(size, mean, std, crop_size, crop_rounding="floor")
+        self.image_processor = image_processor or clip_pil_image_processor(size, crop_size, mean, std)
+        self.pil_transform = hf_pil_transform(self.image_processor)
 
     @classmethod
     def from_pretrained(
@@ -131,13 +175,15 @@ class PickScoreReward(nn.Module):
         model, tokenizer, image_cfg = load_hf_clip(path or HUB_REPO, processor, name, PROCESSOR_REPO)
         return cls(freeze(model, device, dtype), tokenizer, name=name, **image_cfg).eval()
 
-    def score(self, images: ImageInput, prompts: PromptInput) -> Tensor:
+    def score(self, images: ImageInput, prompts: PromptInput, *, exact: bool = False) -> Tensor:
+        """(B,) float32. Tensors are differentiable; PIL images, files and `exact=True` take the
+        processor's PIL path."""
         prompts = check_batch(images, prompts)
         param = self.model.logit_scale
-        pixels = prepare_pixels(images, self.transform, param.device, param.dtype)
+        pixels = prepare_pixels(images, self.transform, param.device, param.dtype, self.pil_transform, exact)
         image_features, text_features = hf_clip_features(self.model, self.tokenizer, pixels, prompts)
         cosine = (image_features.float() * text_features.float()).sum(dim=-1)
         return check_scores(self.model.logit_scale.float().exp() * cosine, len(prompts), self.name)
 
-    def forward(self, images: ImageInput, prompts: PromptInput) -> Tensor:
-        return self.score(images, prompts)
+    def forward(self, images: ImageInput, prompts: PromptInput, *, exact: bool = False) -> Tensor:
+        return self.score(images, prompts, exact=exact)

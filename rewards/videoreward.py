@@ -15,14 +15,25 @@ Faithful to the original inference code (inference.py, vision_process.py, traine
 - the prompt rendered with the Qwen2-VL-Instruct chat template (default system turn), right
   padding; the text model runs with plain 1-D positions (the original passes no position ids),
   not Qwen2-VL's 3-D M-RoPE.
-Tensor videos carry no frame rate: they are taken to be sampled at `video_fps` (default: the
-model's `fps`, i.e. every frame is used); pass `video_fps=` for raw generator output.
+Inputs, as the original's `reward(video_paths, ...)` and qwen-vl-utils' `fetch_video` take them:
+- video files (mp4, ...): decoded with PyAV (`pip install diffalign[video]`; the same frames as
+  decord, the original's reader), n frames chosen from the file's frame count and average frame
+  rate, and resized as uint8 with torchvision (the original's call);
+- frame folders (image files sorted by name): the original's list-of-frames path: every frame,
+  each resized with PIL's default filter to multiples of 28 (min_pixels 4*28*28 there), padded to
+  an even count with the last frame;
+- tensors (B, T, 3, H, W) in [0, 1], differentiable. They carry no frame rate: they are taken to
+  be sampled at `video_fps` (default: the model's `fps`, i.e. every frame is used); pass
+  `video_fps=` for raw generator output. `exact=True` rounds them to uint8 and resizes as the
+  file path does (no gradient).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +51,8 @@ REWARD_TOKENS = ("<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>")
 IMAGE_FACTOR, FRAME_FACTOR, MAX_RATIO = 28, 2, 200
 VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS = 128 * 28 * 28, 768 * 28 * 28
 FPS_MIN_FRAMES, FPS_MAX_FRAMES = 4, 768
+IMAGE_MIN_PIXELS = 4 * 28 * 28  # fetch_image's default, used for each frame of a frame list
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CHAT_TEMPLATE = (  # Qwen2-VL-Instruct's template for one user turn [video, text] + generation prompt
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
     "<|vision_start|><|video_pad|><|vision_end|>{text}<|im_end|>\n<|im_start|>assistant\n"
@@ -139,6 +152,82 @@ def resize_frames_uint8_like(frames: Tensor, height: int, width: int) -> Tensor:
     return frames + (frames.round() - frames).detach()
 
 
+def resize_frames_uint8(frames: Tensor, height: int, width: int) -> Tensor:
+    """fetch_video's resize: (T, 3, H, W) uint8 -> torchvision bicubic antialias on uint8 -> float 0-255."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    return TF.resize(frames, [height, width], interpolation=InterpolationMode.BICUBIC, antialias=True).float()
+
+
+def decode_video(path: str | Path) -> tuple[list[Any], float]:
+    """Decode every frame of a video file with PyAV -> (frames as av.VideoFrame, average fps).
+
+    decord (the original's reader) and torchvision's read_video (its fallback, itself PyAV)
+    give the same RGB frames: FFmpeg's rgb24 conversion."""
+    with video_stream(path) as stream:
+        rate = stream.average_rate or stream.guessed_rate
+        frames = list(stream.container.decode(stream))
+    if not frames:
+        raise DiffalignError(f"video {str(path)!r} has no frames: the file is empty or truncated")
+    if not rate:
+        raise DiffalignError(f"video {str(path)!r} has no frame rate: re-encode it (e.g. ffmpeg -r 24) or decode it and pass video_fps")
+    return frames, float(rate)
+
+
+def _import_av() -> Any:
+    try:
+        import av
+    except ImportError:
+        raise DiffalignError("reading video files needs PyAV: pip install 'diffalign[video]' (or pip install av)") from None
+    return av
+
+
+@contextlib.contextmanager
+def video_stream(path: str | Path):
+    """The first video stream of a file, open; a missing, corrupt or non-video file (found on
+    opening or while the caller decodes) is a one-line DiffalignError."""
+    path = Path(str(path)).expanduser()
+    if not path.is_file():
+        raise DiffalignError(f"video file {str(path)!r} not found: check the path")
+    av = _import_av()
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise DiffalignError(f"{str(path)!r} has no video stream: pass a video file or a folder of frames")
+            yield container.streams.video[0]
+    except DiffalignError:
+        raise
+    except Exception as err:  # av.error.InvalidDataError and friends, for corrupt or non-video files
+        raise DiffalignError(f"cannot decode video {str(path)!r} ({type(err).__name__}): the file is corrupt or not a video") from None
+
+
+def probe_video(path: str | Path) -> None:
+    """Check that `path` is a readable video file or frame folder (no decoding of the whole
+    file); a one-line DiffalignError otherwise."""
+    path = Path(str(path)).expanduser()
+    if path.is_dir():
+        frame_files(path)
+        return
+    with video_stream(path) as stream:
+        next(stream.container.decode(stream))
+
+
+def frame_files(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+    if not files:
+        raise DiffalignError(f"frame folder {str(folder)!r} holds no {'/'.join(FRAME_SUFFIXES)} files: put the frames there")
+    return files
+
+
+def is_video_path(item: Any) -> bool:
+    """A directory (of frames) or a file that is not an image by its suffix."""
+    if not isinstance(item, (str, os.PathLike)):
+        return False
+    path = Path(item).expanduser()
+    return path.is_dir() or path.suffix.lower() in base.VIDEO_SUFFIXES
+
+
 def patchify(frames: Tensor, patch: int, merge: int, temporal: int) -> tuple[Tensor, list[int]]:
     """The Qwen2-VL processor's flattening: (T, C, H, W) -> (t*h*w, C*temporal*patch*patch), grid."""
     if pad := -frames.shape[0] % temporal:  # repeat the last frame to a whole temporal patch
@@ -184,16 +273,18 @@ class VideoRewardReward(nn.Module):
         `video_fps` (frame rate of tensor videos), `use_norm` (default True)."""
         return load_videoreward(path or HUB_REPO, device, dtype, **opts)
 
-    def score(self, videos: Any, prompts: base.PromptInput) -> Tensor:
-        return self.score_dimensions(videos, prompts)["Overall"]
+    def score(self, videos: Any, prompts: base.PromptInput, *, exact: bool = False) -> Tensor:
+        """Overall, (B,) float32. `videos`: a (B, T, 3, H, W) tensor in [0, 1], or a list of
+        (T, 3, H, W) tensors, video file paths and frame folders."""
+        return self.score_dimensions(videos, prompts, exact=exact)["Overall"]
 
-    def forward(self, videos: Any, prompts: base.PromptInput) -> Tensor:
-        return self.score(videos, prompts)
+    def forward(self, videos: Any, prompts: base.PromptInput, *, exact: bool = False) -> Tensor:
+        return self.score(videos, prompts, exact=exact)
 
-    def score_dimensions(self, videos: Any, prompts: base.PromptInput) -> dict[str, Tensor]:
+    def score_dimensions(self, videos: Any, prompts: base.PromptInput, *, exact: bool = False) -> dict[str, Tensor]:
         clips = self._clips(videos)
         prompts = base.check_prompts(prompts, len(clips))
-        patches, grids = zip(*(self._patches(clip) for clip in clips))
+        patches, grids = zip(*(self._patches(self.frames(clip, exact)) for clip in clips))
         input_ids, attention_mask = self._tokens(prompts, grids)
         raw = self._raw_rewards(input_ids, attention_mask, torch.cat(patches), torch.tensor(grids))
         out = {}
@@ -203,24 +294,68 @@ class VideoRewardReward(nn.Module):
         out["Overall"] = out["VQ"] + out["MQ"] + out["TA"]
         return out
 
-    def _clips(self, videos: Any) -> list[Tensor]:
-        """(B, T, 3, H, W) tensor or a list of (T, 3, H, W) tensors in [0, 1] -> list of clips."""
+    def _clips(self, videos: Any) -> list[Any]:
+        """(B, T, 3, H, W) tensor, or a list of (T, 3, H, W) tensors in [0, 1], video files and
+        frame folders -> list of clips (tensors checked, paths kept)."""
         if isinstance(videos, Tensor):
             return list(base.check_image_tensor(videos, video=True))
+        if not isinstance(videos, (list, tuple)):
+            raise DiffalignError(f"videos of type {type(videos).__name__}: pass a (B, T, 3, H, W) tensor or a list of tensors / video paths")
         clips = list(videos)
         if not clips:
-            raise DiffalignError("empty list of videos: pass at least one (T, 3, H, W) tensor")
-        if not all(isinstance(c, Tensor) for c in clips):
-            raise DiffalignError("videoreward takes tensors: decode each video to a (T, 3, H, W) float tensor in [0, 1] and pass video_fps")
-        return [base.check_image_tensor(c[None], video=True)[0] for c in clips]
+            raise DiffalignError("empty list of videos: pass at least one video (tensor, video file or frame folder)")
+        out = []
+        for clip in clips:
+            if isinstance(clip, Tensor):
+                out.append(base.check_image_tensor(clip[None], video=True)[0])
+            elif isinstance(clip, (str, os.PathLike)):
+                out.append(Path(clip).expanduser())
+            else:
+                raise DiffalignError(f"cannot score a video of type {type(clip).__name__}: pass (T, 3, H, W) tensors, video file paths or frame folders")
+        return out
 
-    def _patches(self, clip: Tensor) -> tuple[Tensor, list[int]]:
-        """fetch_video + the Qwen2-VL processor for one (T, 3, H, W) clip in [0, 1]."""
+    def frames(self, clip: Tensor | Path, exact: bool = False) -> Tensor:
+        """The frames the model sees, as fetch_video returns them: (n, 3, h, w) float in 0-255,
+        h and w multiples of 28. Differentiable for tensors unless `exact`."""
+        if isinstance(clip, Path):
+            return self._frame_folder(clip) if clip.is_dir() else self._video_file(clip)
         total = clip.shape[0]
-        fps = None if self.num_frames else self.fps
-        frames = clip[frame_indices(total, sample_frame_count(total, self.video_fps, fps, self.num_frames))] * 255.0
+        frames = clip[frame_indices(total, self._frame_count(total, self.video_fps))]
         height, width = smart_resize(*frames.shape[-2:], self.factor, self.min_pixels, self.max_pixels)
-        frames = resize_frames_uint8_like(frames.float(), height, width)
+        if exact:  # the uint8 frames a decoder would give, resized as the original does
+            return resize_frames_uint8((frames.detach().float().clamp(0, 1) * 255).round().to(torch.uint8), height, width)
+        return resize_frames_uint8_like(frames.float() * 255.0, height, width)
+
+    def _frame_count(self, total: int, video_fps: float) -> int:
+        fps = None if self.num_frames else self.fps
+        return sample_frame_count(total, video_fps, fps, self.num_frames)
+
+    def _video_file(self, path: Path) -> Tensor:
+        """fetch_video on a file: decode, n frames at linspace(0, T-1, n).round(), uint8 resize."""
+        import numpy as np
+
+        decoded, video_fps = decode_video(path)
+        chosen = [decoded[i] for i in frame_indices(len(decoded), self._frame_count(len(decoded), video_fps))]
+        frames = torch.from_numpy(np.stack([f.to_ndarray(format="rgb24") for f in chosen])).permute(0, 3, 1, 2)
+        height, width = smart_resize(*frames.shape[-2:], self.factor, self.min_pixels, self.max_pixels)
+        return resize_frames_uint8(frames.contiguous(), height, width)
+
+    def _frame_folder(self, folder: Path) -> Tensor:
+        """fetch_video on a list of frames: every frame, each through fetch_image (RGB, smart_resize
+        with the image minimum, PIL `resize` with its default filter), padded to an even count."""
+        frames = []
+        for file in frame_files(folder):
+            image = base.load_pil(file).convert("RGB")
+            height, width = smart_resize(image.height, image.width, self.factor, IMAGE_MIN_PIXELS // IMAGE_FACTOR**2 * self.factor**2, self.max_pixels)
+            frames.append(base.pil_to_tensor(image.resize((width, height))) * 255.0)
+        if len({tuple(f.shape) for f in frames}) != 1:
+            raise DiffalignError(f"frames in {str(folder)!r} differ in size: every frame of a video needs the same height and width")
+        if len(frames) % FRAME_FACTOR:
+            frames.append(frames[-1])
+        return torch.stack(frames)
+
+    def _patches(self, frames: Tensor) -> tuple[Tensor, list[int]]:
+        """The Qwen2-VL processor for (n, 3, h, w) frames in 0-255: rescale, CLIP mean/std, patches."""
         frames = base.normalize(frames / 255.0, base.OPENAI_CLIP_MEAN, base.OPENAI_CLIP_STD)
         return patchify(frames, self.patch, self.merge, self.temporal)
 

@@ -71,3 +71,21 @@ def test_strict_loading_names_the_keys():
     bad = {"weight": torch.zeros(2, 2), "extra": torch.zeros(1)}
     with pytest.raises(DiffalignError, match=r"missing: bias; unexpected: extra; wrong shape: weight \(2, 2\) vs \(3, 2\)"):
         base.load_state_dict_strict(module, bad, "bad.pt")
+
+
+def test_tensor_to_pil_rounds_and_load_pil_keeps_the_mode(tmp_path):
+    """exact=True's conversion rounds as diffusers' numpy_to_pil; files keep their mode (the
+    originals convert inside their own transforms)."""
+    import numpy as np
+    from PIL import Image
+
+    x = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(0))
+    x[0, 0, 0], x[1, 0, 0] = 1.2, -0.1  # out of range: clamped
+    array = np.asarray(base.tensor_to_pil(x))
+    assert array.shape == (5, 7, 3) and array.dtype == np.uint8
+    assert (array == (x.clamp(0, 1) * 255).round().permute(1, 2, 0).numpy().astype(np.uint8)).all()
+    Image.fromarray(array).convert("P").save(tmp_path / "p.png")
+    assert base.load_pil(tmp_path / "p.png").mode == "P"
+    (tmp_path / "v.mp4").write_bytes(b"x")
+    with pytest.raises(DiffalignError, match="is a video, not an image: score it with videoreward"):
+        base.load_pil(tmp_path / "v.mp4")

@@ -7,8 +7,9 @@ import torch
 
 from diffalign.errors import DiffalignError
 from diffalign.rewards import load_reward
+from diffalign.rewards.base import pil_to_tensor
 
-from rewards_helpers import TINY_OPEN_CLIP, random_pil
+from helpers import TINY_OPEN_CLIP, random_pil
 
 PROMPTS = ["a cat", "a red car on a road", "two dogs", "a lighthouse at night", "soup", "a tree"]
 
@@ -43,10 +44,28 @@ def test_open_clip_backend_equals_open_clip(tmp_path):
         text_f = model.encode_text(open_clip.get_tokenizer("ViT-B-32")(PROMPTS), normalize=True)
         expected = (100 * (image_f * text_f).sum(-1)).clamp(min=0)
         ours = reward.score(images, PROMPTS)
-    # open_clip resizes the PIL image (uint8) before ToTensor: same tolerance as PickScore's.
-    # Measured: 0.05 on scores of 2-34.
-    assert (ours - expected).abs().max() < 0.2
+        from_tensors = reward.score(torch.stack([pil_to_tensor(im) for im in images]), PROMPTS)
+    # PIL images take open_clip's own transform (PIL resize of the uint8 image): equal.
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-5)
+    # Tensors are resized in torch (differentiable): measured 0.05 on scores of 2-34.
+    assert (from_tensors - expected).abs().max() < 0.2
     assert reward.backend == "open_clip"
+
+
+def test_transformers_backend_pil_path_is_the_pil_processor(hf_clip_folder):
+    """Non-square images: the PIL path is the PIL image processor, not a torch re-implementation."""
+    from transformers import CLIPModel, CLIPTokenizer
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    images = [random_pil(300 - 17 * i, 230 + 11 * i, i) for i in range(len(PROMPTS))]
+    model = CLIPModel.from_pretrained(hf_clip_folder).eval()
+    pixels = CLIPImageProcessorPil.from_pretrained(hf_clip_folder)(images=images, return_tensors="pt")["pixel_values"]
+    tokens = CLIPTokenizer.from_pretrained(hf_clip_folder)(PROMPTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**tokens, pixel_values=pixels)
+        expected = (100 * torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds)).clamp(min=0)
+        ours = load_reward("clip", path=str(hf_clip_folder)).score(images, PROMPTS)
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-5)
 
 
 def test_gradient_flows_where_the_score_is_positive(hf_clip_folder):

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from diffalign.rewards import load_reward
-from diffalign.rewards.base import Reward
+from diffalign.rewards.base import Reward, tensor_to_pil
 
-from rewards_helpers import TINY_OPEN_CLIP
+from helpers import TINY_OPEN_CLIP
 
 # name -> how to load it on the tiny fixtures (ImageReward, VP-Score, VideoReward: their own tests).
 CASES = {
@@ -36,3 +36,7 @@ def test_reward_contract(name, hps_checkpoint, hf_clip_folder):
         scores.sum().backward()
         assert images.grad.abs().sum() > 0
     torch.testing.assert_close(reward.score(images.detach(), prompts), scores.detach())
+    # exact=True: the tensors as uint8 PIL images through the original's own preprocessing
+    exact = reward.score(images.detach(), prompts, exact=True)
+    assert exact.dtype == torch.float32 and exact.shape == (2,) and not exact.requires_grad
+    torch.testing.assert_close(exact, reward.score([tensor_to_pil(x) for x in images.detach()], prompts), atol=1e-6, rtol=0)

@@ -13,7 +13,7 @@ from diffalign.errors import DiffalignError
 from diffalign.rewards import load_reward
 from diffalign.rewards.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, pil_to_tensor
 
-from rewards_helpers import TINY_OPEN_CLIP, random_pil
+from helpers import TINY_OPEN_CLIP, random_pil
 
 PROMPTS = ["a red bicycle leaning on a wall", "an astronaut riding a horse"]
 
@@ -57,13 +57,19 @@ def test_score_equals_original_formula(hps, hps_checkpoint):
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_tensor_input_matches_pil_path(hps):
-    # ToTensor of a PIL image is exactly the [0, 1] tensor a pipeline would hand over.
+def test_tensor_input_matches_pil_path(hps, tmp_path):
+    # ToTensor of a PIL image is exactly the [0, 1] tensor a pipeline would hand over: hpsv2
+    # resizes that float tensor too, so both paths (and exact=True) are the original's.
     pil = random_pil(320, 240, 2)
+    pil.save(tmp_path / "x.png")
     with torch.no_grad():
         from_pil = hps.score([pil], PROMPTS[:1])
+        from_file = hps.score([str(tmp_path / "x.png")], PROMPTS[:1])
         from_tensor = hps.score(pil_to_tensor(pil)[None], PROMPTS[:1])
+        exact = hps.score(pil_to_tensor(pil)[None], PROMPTS[:1], exact=True)
     torch.testing.assert_close(from_tensor, from_pil, atol=1e-6, rtol=0)
+    torch.testing.assert_close(from_file, from_pil, atol=0, rtol=0)
+    torch.testing.assert_close(exact, from_pil, atol=1e-6, rtol=0)
 
 
 def test_benchmark_scale_and_v2_file(hps, hps_checkpoint):
@@ -95,7 +101,7 @@ def test_missing_mismatched_and_offline_checkpoint(tmp_path, hps_checkpoint, mon
     with pytest.raises(DiffalignError, match=r"missing: transformer\.resblocks\.2\."):
         load_reward("hpsv2.1", path=str(hps_checkpoint), architecture=deeper)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(DiffalignError, match="HPS_v2_compressed.pt from hub repo 'xswu/HPSv2'.*--path hpsv2=DIR"):
+    with pytest.raises(DiffalignError, match="HPS_v2_compressed.pt from hub repo 'xswu/HPSv2'.*--reward hpsv2@DIR"):
         load_reward("hpsv2")
 
 

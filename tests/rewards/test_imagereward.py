@@ -199,33 +199,49 @@ def test_gradient_reaches_images_and_batch_equals_single(reward):
     torch.testing.assert_close(scores.detach(), singles, atol=1e-5, rtol=1e-5)
 
 
-def test_pil_path_agrees_with_tensor(reward, tmp_path):
+def original_transform(n_px):
+    """ImageReward's `_transform(n_px)` (ImageReward/ImageReward.py), rebuilt from torchvision in
+    its order: Resize and CenterCrop on the PIL image in its own mode, then RGB, ToTensor, Normalize."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(n_px, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(n_px),
+                      lambda image: image.convert("RGB"), T.ToTensor(),
+                      T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
+
+
+@pytest.mark.filterwarnings("ignore:Palette images")  # PIL, converting the palette test image
+def test_pil_images_and_files_score_as_the_original(reward, release, tmp_path):
+    """PIL path = the original `score(prompt, image)`: Image.open, `_transform`, the model."""
+    from PIL import Image
+
+    folder, state = release
+    g = torch.Generator().manual_seed(11)
+    smooth = F.interpolate(torch.rand(1, 4, 5, 6, generator=g), size=(61, 77), mode="bicubic")[0].clamp(0, 1)
+    rgba = Image.fromarray((smooth.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy(), mode="RGBA")
+    noise = Image.fromarray((torch.rand(37, 53, 3, generator=g) * 255).to(torch.uint8).numpy())
+    images = [rgba.convert("RGB"), noise, rgba, rgba.convert("P"), rgba.convert("L")]  # modes the original resizes in
+    files = []
+    for i, image in enumerate(images):
+        files.append(tmp_path / f"{i}.png")
+        image.save(files[-1])
+    prompts = ["a red cat", "dogs", "the photo", "a cat on the mat", "red"]
+    pixels = torch.stack([original_transform(32)(Image.open(f)) for f in files])
+    want = reference_score(state, VIT, MED, None, reference_tokens(folder, prompts), pixels=pixels)
+    torch.testing.assert_close(reward.score([str(f) for f in files], prompts), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(reward.score(images, prompts), want, atol=1e-5, rtol=0)
+
+
+def test_exact_tensor_input_equals_its_file(reward, tmp_path):
+    """A tensor on the uint8 grid scores as its PNG file with exact=True; the default tensor path
+    (differentiable) stays within the stated bound of it (see the next test)."""
     from PIL import Image
 
     array = (torch.rand(40, 48, 3, generator=torch.Generator().manual_seed(3)) * 255).to(torch.uint8)
     Image.fromarray(array.numpy()).save(tmp_path / "x.png")
     tensor = array.permute(2, 0, 1)[None].float() / 255
-    torch.testing.assert_close(reward.score([str(tmp_path / "x.png")], "a cat"), reward.score(tensor, "a cat"), atol=1e-5, rtol=0)
-
-
-def test_tensor_preprocessing_agrees_with_the_original_pil_transform(reward, release):
-    """The original resizes the PIL image (PIL bicubic on uint8); diffalign resizes the tensor
-    (torch bicubic, antialias). Stated tolerance on normalised pixels: max 0.05, mean 0.01
-    (about 3 and 0.7 grey levels); the scores then agree to 0.02 on this model."""
-    from PIL import Image
-    from torchvision import transforms as T
-
-    folder, state = release
-    smooth = F.interpolate(torch.rand(1, 3, 6, 8, generator=torch.Generator().manual_seed(4)), size=(96, 120), mode="bicubic")
-    array = (smooth[0].clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8)
-    original = T.Compose([T.Resize(32, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32), T.ToTensor(),
-                          T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
-    pil_pixels = original(Image.fromarray(array.numpy()))[None]
-    tensor = array.permute(2, 0, 1)[None].float() / 255
-    ours = reward.transform(tensor)
-    assert (ours - pil_pixels).abs().max() < 0.05 and (ours - pil_pixels).abs().mean() < 0.01
-    pil_score = reference_score(state, VIT, MED, None, reference_tokens(folder, ["a red cat"]), pixels=pil_pixels)
-    assert (reward.score(tensor, "a red cat") - pil_score).abs().max() < 0.02
+    from_file = reward.score([str(tmp_path / "x.png")], "a cat")
+    torch.testing.assert_close(reward.score(tensor, "a cat", exact=True), from_file, atol=1e-5, rtol=0)
+    assert (reward.score(tensor, "a cat") - from_file).abs().max() < 0.02
 
 
 def test_registry_builds_it(reward, release):

@@ -10,7 +10,7 @@ from diffalign.errors import DiffalignError
 from diffalign.rewards import load_reward
 from diffalign.rewards.base import clip_crop_transform, pil_to_tensor
 
-from rewards_helpers import random_pil, tiny_hf_clip_config
+from helpers import random_pil, tiny_hf_clip_config
 
 PROMPTS = ["a red bicycle leaning on a wall", "an astronaut riding a horse on the moon at dusk"]
 
@@ -42,6 +42,28 @@ def test_score_equals_original_formula(pickscore, hf_clip_folder):
         ours = pickscore.score(images, PROMPTS)
     assert ours.dtype == torch.float32 and ours.shape == (2,)
     torch.testing.assert_close(ours, original_scores(hf_clip_folder, images, PROMPTS), atol=1e-4, rtol=1e-5)
+
+
+def test_pil_images_and_files_score_as_the_original(pickscore, hf_clip_folder, tmp_path):
+    """Any size and mode: the PIL path is the processor's own (PIL bicubic on uint8, crop
+    offsets floored, alpha composited on white), so scores equal the original's to 1e-5."""
+    from PIL import Image
+
+    rgba = random_pil(203, 301, 4).convert("RGBA")
+    rgba.putalpha(random_pil(203, 301, 5).convert("L"))
+    images = [random_pil(320, 241, 2), random_pil(203, 300, 3), rgba, random_pil(97, 60, 6).convert("L")]
+    prompts = PROMPTS + ["a bowl", "two dogs on a red sofa"]
+    files = []
+    for i, image in enumerate(images):
+        files.append(tmp_path / f"{i}.png")
+        image.save(files[-1])
+    want = original_scores(hf_clip_folder, [Image.open(f) for f in files], prompts)
+    with torch.no_grad():
+        torch.testing.assert_close(pickscore.score([str(f) for f in files], prompts), want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(pickscore.score(images, prompts), want, atol=1e-5, rtol=0)
+        # a tensor on the uint8 grid with exact=True is its RGB file
+        tensor = pil_to_tensor(images[0])[None]
+        torch.testing.assert_close(pickscore.score(tensor, PROMPTS[:1], exact=True), want[:1], atol=1e-5, rtol=0)
 
 
 def test_tensor_preprocessing_matches_the_pil_processor(pickscore, hf_clip_folder):
@@ -90,7 +112,7 @@ def test_strict_loading_and_missing_weights(tmp_path, hf_clip_folder, monkeypatc
     with pytest.raises(DiffalignError, match="not found"):
         load_reward("pickscore", path=str(tmp_path / "nowhere"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(DiffalignError, match="yuvalkirstain/PickScore_v1.*--path pickscore=DIR"):
+    with pytest.raises(DiffalignError, match="yuvalkirstain/PickScore_v1.*--reward pickscore@DIR"):
         load_reward("pickscore")
 
 

@@ -9,7 +9,7 @@ from diffalign import rewards
 from diffalign.errors import DiffalignError
 from diffalign.rewards import CombinedReward, combine, load_reward, register_reward
 
-from rewards_helpers import TINY_OPEN_CLIP, random_pil
+from helpers import TINY_OPEN_CLIP, random_pil
 
 
 def brightness(images, prompts):
@@ -159,5 +159,5 @@ def test_missing_toy_asset_names_the_build_command(monkeypatch, tmp_path):
     import diffalign.paths
 
     monkeypatch.setattr(diffalign.paths, "assets_dir", lambda: tmp_path)
-    with pytest.raises(DiffalignError, match="python -m diffalign.toy build --only toy-judge"):
+    with pytest.raises(DiffalignError, match="python -m tools.toy build --only toy-judge"):
         load_reward("toy-judge")

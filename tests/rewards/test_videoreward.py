@@ -1,4 +1,5 @@
-"""VideoReward port on a tiny random Qwen2-VL (real patch sizes, tiny widths).
+"""VideoReward port on a tiny random Qwen2-VL (real patch sizes, tiny widths); video files and
+frame folders against the original's fetch_video (decord frames, torchvision uint8 resize).
 
 The release is written the way VideoAlign saves it: model_config.json + checkpoint-<step>/ with
 either model.pth (the PEFT-wrapped full state dict, transformers 4.45 key layout) or
@@ -264,8 +265,10 @@ def test_bad_input_and_missing_files(reward, tmp_path):
         reward.score(torch.rand(2, 3, 64, 64), PROMPTS)  # an image batch, not videos
     with pytest.raises(DiffalignError, match="prompts"):
         reward.score(aligned_videos(batch=2), ["one"])
-    with pytest.raises(DiffalignError, match="tensors"):
-        reward.score(["clip.mp4"], "a cat")
+    with pytest.raises(DiffalignError, match="video file '.*clip.mp4' not found"):
+        reward.score([str(tmp_path / "clip.mp4")], "a cat")
+    with pytest.raises(DiffalignError, match="tensor or a list"):
+        reward.score(str(tmp_path / "clip.mp4"), "a cat")
     with pytest.raises(DiffalignError, match="model_config.json"):
         VideoRewardReward.from_pretrained(tmp_path)
     with pytest.raises(DiffalignError, match="does not exist"):
@@ -283,3 +286,154 @@ def test_strict_loading_reports_keys(full_release, tmp_path):
     torch.save(state, folder / "checkpoint-120" / "model.pth")
     with pytest.raises(DiffalignError, match=r"missing: rm_head\.weight.*unexpected: extra\.weight"):
         VideoRewardReward.from_pretrained(folder)
+
+
+# ---------------------------------------------------------------------- video files and frame folders
+
+
+def write_mp4(path, frames, fps):
+    """(T, H, W, 3) uint8 -> an H.264 mp4 at `fps`, written with PyAV."""
+    av = pytest.importorskip("av")
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame.numpy(), format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def textured_frames(total, height, width, seed=0):
+    """Smooth moving colour gradients (a codec keeps them close to the input)."""
+    g = torch.Generator().manual_seed(seed)
+    base_ = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 5, generator=g), size=(height, width), mode="bicubic")[0]
+    t = torch.arange(total).view(-1, 1, 1, 1) / total
+    frames = (base_[None] * 0.7 + 0.3 * t).clamp(0, 1)
+    return (frames * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def original_fetch_video(path, fps, max_pixels):
+    """vision_process.fetch_video as VideoAlign's inference calls it, with its default reader
+    (decord; PyAV's rgb24 frames, as torchvision.read_video, when decord is missing): indices
+    linspace(0, T-1, n).round() for n from the file's frame count and average fps, then
+    torchvision's bicubic antialiased resize of the uint8 frames, as floats."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    try:
+        import decord
+
+        reader = decord.VideoReader(str(path))
+        total, video_fps = len(reader), reader.get_avg_fps()
+        read = lambda idx: torch.from_numpy(reader.get_batch(idx).asnumpy())  # noqa: E731
+    except ImportError:
+        import av
+
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            video_fps = float(stream.average_rate)
+            decoded = [torch.from_numpy(f.to_ndarray(format="rgb24")) for f in container.decode(stream)]
+        total = len(decoded)
+        read = lambda idx: torch.stack([decoded[i] for i in idx])  # noqa: E731
+    n = round(min(max(total / video_fps * fps, 4), (min(768, total) // 2) * 2) / 2) * 2
+    idx = torch.linspace(0, total - 1, n).round().long().tolist()
+    video = read(idx).permute(0, 3, 1, 2)
+    h, w = smart_resize(video.shape[2], video.shape[3], 28, 128 * 28 * 28, max_pixels)
+    return TF.resize(video, [h, w], interpolation=InterpolationMode.BICUBIC, antialias=True).float(), idx
+
+
+def test_frame_indices_follow_the_fps_rule(reward, tmp_path):
+    """37 flat frames at 12 fps, frame i of grey level 6 i: at 2 fps the model sees
+    n = even(37 / 12 * 2 = 6.2) = 6 frames, at linspace(0, 36, 6).round() = 0, 7, 14, 22, 29, 36."""
+    frames = (torch.arange(37) * 6).to(torch.uint8).view(-1, 1, 1, 1).expand(37, 64, 80, 3).contiguous()
+    path = write_mp4(tmp_path / "flat.mp4", frames, 12)
+    seen = reward.frames(path.absolute())  # a Path, as score() passes it
+    assert seen.shape[0] == 6 and seen.shape[-2:] == smart_resize(64, 80, 28, 128 * 28 * 28, 200704)
+    assert (seen.mean(dim=(1, 2, 3)) / 6).round().long().tolist() == [0, 7, 14, 22, 29, 36]
+    assert original_fetch_video(path, 2.0, 200704)[1] == [0, 7, 14, 22, 29, 36]
+
+
+def test_mp4_scores_as_the_original_and_as_its_frames(reward, full_release, tmp_path, monkeypatch):
+    """A video path: the frames equal fetch_video's (decord + torchvision uint8 resize) exactly;
+    the score equals the original processor-and-model score, and the score of the decoded frames
+    passed as a tensor with their fps (exact=True; and the default path where no resize is needed)."""
+    _, peft_model, tok = full_release
+    clips = {"aligned.mp4": textured_frames(24, 308, 336, seed=1), "resized.mp4": textured_frames(13, 90, 124, seed=2)}
+    for name, frames in clips.items():
+        path = write_mp4(tmp_path / name, frames, 8)
+        want_frames, idx = original_fetch_video(path, 2.0, 200704)
+        assert len(idx) == (6 if name == "aligned.mp4" else 4)
+        torch.testing.assert_close(reward.frames(path), want_frames, atol=0, rtol=0)
+        with torch.no_grad():
+            want = reference_dimensions(peft_model, tok, [want_frames], ["a red fox runs"])
+        got = reward.score_dimensions([str(path)], "a red fox runs")
+        for dim in ("VQ", "MQ", "TA", "Overall"):
+            torch.testing.assert_close(got[dim], want[dim], atol=1e-4, rtol=1e-4)
+        # the decoded frames (all of them) as a tensor at the file's 8 fps
+        import av
+
+        with av.open(str(path)) as container:
+            decoded = torch.stack([torch.from_numpy(f.to_ndarray(format="rgb24")) for f in container.decode(video=0)])
+        tensor = (decoded.permute(0, 3, 1, 2).float() / 255)[None]
+        monkeypatch.setattr(reward, "video_fps", 8.0)
+        torch.testing.assert_close(reward.score(tensor, "a red fox runs", exact=True), got["Overall"], atol=1e-5, rtol=0)
+        if name == "aligned.mp4":  # 308x336 needs no resize: the differentiable path is exact too
+            torch.testing.assert_close(reward.score(tensor, "a red fox runs"), got["Overall"], atol=1e-5, rtol=0)
+        monkeypatch.undo()
+
+
+def test_frame_folder_follows_the_frame_list_path(reward, full_release, tmp_path):
+    """A folder of frames = the original's list-of-images video: every frame (sorted by name),
+    fetch_image's PIL resize to multiples of 28 (image minimum 4*28*28), padded to an even count."""
+    import numpy as np
+    from PIL import Image
+
+    _, peft_model, tok = full_release
+    frames = textured_frames(3, 60, 76, seed=3)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame.numpy()).save(folder / f"{i:03d}.png")
+    (folder / "notes.txt").write_text("not a frame")
+    resized = [Image.open(folder / f"{i:03d}.png").convert("RGB").resize((84, 56)) for i in range(3)]  # smart_resize(60, 76)
+    want_frames = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() for im in resized + resized[-1:]])
+    torch.testing.assert_close(reward.frames(folder), want_frames, atol=0, rtol=0)
+    with torch.no_grad():
+        want = reference_dimensions(peft_model, tok, [want_frames], ["a slow pan"])
+    torch.testing.assert_close(reward.score([folder], "a slow pan"), want["Overall"], atol=1e-4, rtol=1e-4)
+
+
+def test_bad_video_files_are_one_line_errors(reward, tmp_path):
+    (tmp_path / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 garbage")
+    for path, message in [(tmp_path / "broken.mp4", "cannot decode video .*broken.mp4.*corrupt"),
+                          (tmp_path / "missing.mp4", "video file .*missing.mp4' not found"),
+                          (tmp_path, "holds no .*png")]:
+        with pytest.raises(DiffalignError, match=message) as err:
+            reward.score([str(path)], "a cat")
+        assert "\n" not in str(err.value)
+
+
+def test_score_command_reads_videos_through_load_rows(full_release, tmp_path, capsys):
+    """`diffalign score` keeps video files and frame folders as paths (checked on load) and
+    images as PIL images; videoreward scores the paths as load_reward(...).score does."""
+    from PIL import Image
+
+    from diffalign.cli import main
+    from diffalign.score import load_rows
+
+    video = write_mp4(tmp_path / "clip.mp4", textured_frames(10, 64, 80, seed=4), 8)
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "still.png")
+    rows = [{"prompt": "a", "image": str(video)}, {"prompt": "b", "image": str(tmp_path / "bad.mp4")},
+            {"prompt": "c", "image": str(tmp_path / "still.png")}]
+    with pytest.raises(DiffalignError, match="bad.mp4.*--skip-bad"):
+        load_rows(rows, skip_bad=False)
+    with pytest.warns(UserWarning, match="skipping .*bad.mp4"):
+        kept, items = load_rows(rows, skip_bad=True)
+    assert [r["prompt"] for r in kept] == ["a", "c"] and items[0] == str(video) and isinstance(items[1], Image.Image)
+    out = tmp_path / "scores.jsonl"
+    argv = ["score", "--reward", f"videoreward@{full_release[0]}", "--prompt", "a red fox runs", str(video)]
+    assert main(argv + ["--output-file", str(out)]) == 0, capsys.readouterr().err
+    got = json.loads(out.read_text().splitlines()[0])["videoreward"]
+    want = VideoRewardReward.from_pretrained(full_release[0]).score([str(video)], "a red fox runs")
+    assert abs(got - float(want)) < 1e-5
