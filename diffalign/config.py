@@ -33,7 +33,7 @@ class TrainConfig:
     beta: float | None = None
     """The objective's beta (None: its per-family default, see docs/objectives.md)."""
     objective: dict = field(default_factory=dict)
-    """Extra objective options, e.g. {loss_type: hinge} for dpo or {snr_value: 0.5} for mapo."""
+    """Extra objective options as KEY=VALUE, e.g. --objective loss_type=hinge (YAML: objective: {loss_type: hinge})."""
 
     # --- model ---
     lora_rank: int = 8
@@ -54,8 +54,9 @@ class TrainConfig:
     """Recompute activations in the backward pass to save memory."""
 
     # --- data ---
-    resolution: int = 512
-    """Images are resized (shortest side) and cropped to this square size."""
+    resolution: int | None = None
+    """Images are resized (shortest side) and cropped to this square size (None: the size the model
+    was built for, from its configs, e.g. 32 for toy-sd, 512 for SD1.5; 512 when unknown)."""
     random_flip: bool = False
     """Horizontal flip, the same for every image of a group."""
     center_crop: bool = True
@@ -74,6 +75,20 @@ class TrainConfig:
     """Where the cache lives (None: OUTPUT/latent-cache); a sub-folder per model, resolution and data."""
     num_workers: int = 0
     """DataLoader worker processes."""
+    split: str = "train"
+    """Split to read from a hub id or a save_to_disk DatasetDict (local parquet: all files)."""
+    drop_ties: bool | None = None
+    """Drop groups whose best and worst scores are equal (None: drop them for pair objectives)."""
+    group_size: int | None = None
+    """Ranked objectives: K images per group, spread over each list's ranking (None: as in the data)."""
+    shuffle_buffer: int = 1000
+    """Streaming only: shuffle buffer size (0: read in storage order)."""
+    caption_column: str = "caption"
+    """Pick-a-Pic schema: the prompt column; per-image captions are <caption_column>_<i>."""
+    image_columns: list | None = None
+    """Pick-a-Pic schema: one column per image (None: jpg_0, jpg_1, ...)."""
+    label_columns: list | None = None
+    """Pick-a-Pic schema: one score column per image (None: label_0, label_1, ...)."""
 
     # --- optimisation ---
     max_steps: int = 1000
@@ -109,7 +124,7 @@ class TrainConfig:
     resume: str | None = None
     """latest | a checkpoint folder. Continues exactly: data order, RNG, optimiser, scheduler."""
     checkpoint_every: int = 500
-    """Write a checkpoint every N optimiser steps (0: only at the end and on SIGTERM/SIGINT)."""
+    """Write a checkpoint every N optimiser steps and at the end (0: only on SIGTERM/SIGINT)."""
     keep_checkpoints: int = 2
     """Keep the last N checkpoints."""
     log_every: int = 1
@@ -118,15 +133,17 @@ class TrainConfig:
     validation_every: int = 0
     """Every N steps, sample validation_prompts with fixed seeds and save a PNG grid (0: off)."""
     validation_prompts: list = field(default_factory=list)
-    validation_steps: int = 20
-    """Sampler steps for validation images."""
-    guidance_scale: float = 5.0
-    """Classifier-free guidance for validation and evaluation images."""
+    num_inference_steps: int | None = None
+    """Sampler steps for validation and evaluation images (None: the model's default, from its
+    folder's diffalign.json or its pipeline)."""
+    guidance_scale: float | None = None
+    """Classifier-free guidance for validation and evaluation images (None: the model's default)."""
 
     # --- evaluation at the end (the quickstart uses it) ---
     eval_prompts: str | None = None
     """Prompt file (one a line) or 'toy' to evaluate against the base model after training."""
     eval_rewards: list = field(default_factory=list)
+    """Reward specs (NAME[@PATH][=WEIGHT]) that score the final evaluation."""
     eval_num_images: int = 1
     """Images per prompt in the final evaluation."""
     eval_max_prompts: int | None = None
@@ -146,7 +163,12 @@ def _field_doc(name: str) -> str:
     lines = inspect.getsource(TrainConfig).splitlines()
     for i, line in enumerate(lines):
         if line.strip().startswith(f"{name}:") and i + 1 < len(lines) and lines[i + 1].strip().startswith('"""'):
-            return lines[i + 1].strip().strip('"')
+            doc = [lines[i + 1].strip()[3:]]
+            j = i + 1
+            while not doc[-1].endswith('"""') and j + 1 < len(lines):  # a docstring over several lines
+                j += 1
+                doc.append(lines[j].strip())
+            return " ".join(doc)[: -3].strip()
     return ""
 
 
@@ -158,7 +180,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         help_text = _field_doc(f.name)
-        if kind is bool:
+        if kind in (bool, bool | None):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif f.name == "objective":
             parser.add_argument(flag, action="append", default=None, metavar="KEY=VALUE", help=help_text)
@@ -186,13 +208,23 @@ def _parse_objective_items(items: list[str]) -> dict:
 
 
 def load_yaml(path: str | Path) -> dict:
+    """A config file's keys. `extends: OTHER.yaml` (relative to the file) reads OTHER first and
+    lets this file's keys override it, so recipes that differ in a few keys share one base."""
     path = Path(path)
     if not path.is_file():
         raise DiffalignError(f"config file {str(path)!r} not found: pass an existing YAML file to --config")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where else ""
+        raise DiffalignError(f"config file {str(path)!r} is not valid YAML{line}: fix its syntax") from None
     if not isinstance(data, dict):
         raise DiffalignError(f"config file {str(path)!r} must hold a mapping of config keys")
-    return data
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    return {**load_yaml(path.parent / str(parent)), **data}
 
 
 def merge(base: TrainConfig, updates: dict, source: str) -> TrainConfig:
@@ -239,6 +271,62 @@ def resolve_config(args: argparse.Namespace, base: TrainConfig | None = None) ->
             value = {**cfg.objective, **_parse_objective_items(value)}
         cli[f.name] = value
     return merge(cfg, cli, "the command line")
+
+
+# Option -> allowed values, for the string options that take a fixed set.
+CHOICES = {
+    "mixed_precision": ("no", "fp16", "bf16"),
+    "attention": ("auto", "xformers", "sdpa"),
+    "optimizer": ("adamw", "adamw8bit", "adafactor"),
+    "report_to": ("none", "tensorboard", "wandb"),
+}
+# Option -> the smallest value it takes.
+MINIMUM = {
+    "batch_size": 1, "grad_accum": 1, "max_steps": 1, "lora_rank": 1, "log_every": 1, "keep_checkpoints": 1,
+    "checkpoint_every": 0, "validation_every": 0, "warmup_steps": 0, "num_workers": 0, "max_samples": 1,
+    "num_inference_steps": 1, "eval_num_images": 1, "eval_max_prompts": 1, "group_size": 2, "shuffle_buffer": 0,
+    "max_grad_norm": 0, "weight_decay": 0, "ema_decay": 0, "logit_std": 0,
+}
+# The VAEs of every supported family downsample by 8 (FLUX packs 2x2 latents: 16, checked at load).
+RESOLUTION_MULTIPLE = 8
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Every value a user can get wrong, checked in one line before any model or data loads."""
+    from diffalign.objectives import check_hparams, get_objective
+
+    objective = get_objective(cfg.method)
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise DiffalignError(f"{key} {getattr(cfg, key)!r} is not valid: choose one of {', '.join(allowed)}")
+    for key, low in MINIMUM.items():
+        value = getattr(cfg, key)
+        if value is not None and value < low:
+            flag = "--" + key.replace("_", "-")
+            raise DiffalignError(f"{flag} {value} is too small: it must be at least {low}")
+    if not cfg.lr > 0:
+        raise DiffalignError(f"--lr {cfg.lr} must be a positive learning rate: e.g. 1e-5 (LoRA on SD1.5: 1e-5 to 1e-4)")
+    if not 0 <= cfg.caption_dropout < 1:
+        raise DiffalignError(f"--caption-dropout {cfg.caption_dropout} must be in [0, 1): the share of groups on the empty prompt")
+    if cfg.resolution is not None and (cfg.resolution <= 0 or cfg.resolution % RESOLUTION_MULTIPLE):
+        raise DiffalignError(
+            f"--resolution {cfg.resolution} is not a positive multiple of {RESOLUTION_MULTIPLE} (the VAE's downsampling): "
+            f"use e.g. {max(RESOLUTION_MULTIPLE, round(cfg.resolution / RESOLUTION_MULTIPLE) * RESOLUTION_MULTIPLE)}"
+        )
+    if cfg.guidance_scale is not None and cfg.guidance_scale < 0:
+        raise DiffalignError(f"--guidance-scale {cfg.guidance_scale} must be >= 0 (1 or less turns guidance off)")
+    if objective.DATA != "ranked" and cfg.group_size not in (None, 2):
+        raise DiffalignError(f"{cfg.method} trains on pairs, not groups of {cfg.group_size}: unset --group-size "
+                             "(only rankdpo takes ranked lists)")
+    check_hparams(cfg.method, {**cfg.objective, **({"beta": cfg.beta} if cfg.beta is not None else {})})
+    if cfg.eval_prompts:  # found now, not after training and the base model's images
+        from diffalign.edges import parse_reward_specs, read_prompts
+
+        read_prompts(cfg.eval_prompts)
+        if not cfg.eval_rewards:
+            raise DiffalignError("--eval-prompts is set but --eval-rewards is empty: name the rewards that judge the "
+                                 "evaluation, e.g. --eval-rewards pickscore hpsv2.1")
+        parse_reward_specs(cfg.eval_rewards)
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

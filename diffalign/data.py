@@ -84,6 +84,7 @@ class _Group:
     scores: list[float]
     where: str  # "row 17 of X" / "line 3 of X": names the culprit in messages
     base_dir: Path | None = None  # relative image paths are resolved against this
+    own_captions: bool = False  # the data gives per-image captions (else each is the prompt)
 
 
 class _BadImage(Exception):
@@ -141,7 +142,7 @@ def _open_image(ref: Any, base_dir: Path | None):
     if isinstance(ref, dict):  # a `datasets` Image feature read with decode=False
         ref = ref.get("bytes") or ref.get("path")
     if isinstance(ref, Image.Image):
-        return ref.convert("RGB")
+        return _to_rgb(ref)
     if ref is None or (isinstance(ref, (bytes, bytearray, memoryview)) and len(ref) == 0):
         raise _BadImage("missing", "no image data")
     try:
@@ -155,13 +156,26 @@ def _open_image(ref: Any, base_dir: Path | None):
                 raise _BadImage("missing", f"no file {path}")
             img = Image.open(path)
         img.load()  # decode now: truncated files fail here, not later in a worker
-        return img.convert("RGB")
+        return _to_rgb(img)
     except _BadImage:
         raise
     except Image.UnidentifiedImageError:
         raise _BadImage("corrupt", "not a readable image") from None
     except Exception as err:  # PIL raises many types for truncated or damaged data
         raise _BadImage("corrupt", f"{type(err).__name__}: {err}") from None
+
+
+def _to_rgb(img):
+    """8-bit RGB. 16-bit grey PNGs open as integer images ("I;16", "I") whose values PIL's
+    convert("RGB") clips at 255, i.e. nearly all white: scale them to 8 bits first."""
+    from PIL import Image
+
+    if img.mode.startswith("I"):
+        import numpy as np
+
+        values = np.asarray(img).astype(np.float64)
+        img = Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")
 
 
 @dataclass
@@ -341,7 +355,9 @@ def _load_hf(cfg: DataConfig, kind: str, streaming: bool):
     import datasets
 
     if kind == "parquet":
-        return datasets.load_dataset("parquet", data_files=_parquet_files(cfg.dataset), split="train", streaming=streaming)
+        files = _parquet_files(cfg.dataset)
+        _check_parquet_rows(cfg.dataset, files)
+        return datasets.load_dataset("parquet", data_files=files, split="train", streaming=streaming)
     if kind == "disk":
         ds = datasets.load_from_disk(cfg.dataset)
         if isinstance(ds, datasets.DatasetDict):
@@ -357,6 +373,33 @@ def _load_hf(cfg: DataConfig, kind: str, streaming: bool):
             f"could not load dataset {cfg.dataset!r} from the hub ({type(err).__name__}: {str(err).splitlines()[0][:120]}): "
             "check the id and network, or download it and pass a local parquet or save_to_disk folder"
         ) from None
+
+
+def _check_parquet_rows(name: str, files: list[str]) -> None:
+    """An unreadable or empty parquet fails in one line (datasets would raise a long traceback)."""
+    import pyarrow.parquet as pq
+
+    rows = 0
+    for f in files:
+        try:
+            rows += pq.read_metadata(f).num_rows
+        except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ...
+            raise DiffalignError(f"{f} is not a readable parquet file ({str(err).splitlines()[0][:120]}): "
+                                 "rewrite it, or pass another --dataset") from None
+    if rows == 0:
+        raise DiffalignError(f"dataset {name!r} has no rows: pass a parquet file with preference data "
+                             "(docs/datasets.md)")
+
+
+def describe_groups(dataset: "GroupDataset", limit: int = 256) -> dict:
+    """What the first `limit` groups hold, read without decoding an image: whether the data gives
+    per-image captions, and whether every group is a tie (all scores equal)."""
+    groups = [dataset.get_group(source) for source, _ in dataset.keep[:limit]]
+    return {
+        "image_captions": any(g.own_captions for g in groups),
+        "all_ties": bool(groups) and all(max(g.scores) == min(g.scores) for g in groups),
+        "checked": len(groups),
+    }
 
 
 def _pickapic_columns(cfg: DataConfig, columns: list[str]) -> tuple[DataConfig, list[str], list[str]]:
@@ -407,6 +450,7 @@ def _row_group(cfg: DataConfig, row: dict, labels: list[str], captions: list[str
         scores=_row_scores(cfg, [row[c] for c in labels], where),
         where=where,
         base_dir=base_dir,
+        own_captions=bool(per_image),
     )
 
 
@@ -469,7 +513,7 @@ def _check_not_empty(keep: list, cfg: DataConfig, n_rows: int) -> None:
     if not keep:
         raise DiffalignError(
             f"nothing left in {cfg.dataset!r} after dropping ties ({n_rows} groups read): "
-            "use data with a preferred image, or set drop_ties false for an objective that takes ties"
+            "use data with a preferred image, or pass --no-drop-ties (YAML drop_ties: false) for an objective that takes ties"
         )
 
 
@@ -493,18 +537,21 @@ def parse_jsonl_line(obj: Any, where: str, base_dir: Path) -> _Group:
         captions = obj.get("captions")
     elif "chosen" in obj and "rejected" in obj:
         images, scores = [obj["chosen"], obj["rejected"]], [1.0, 0.0]
-        captions = [obj.get("chosen_caption") or prompt, obj.get("rejected_caption") or prompt]
+        captions = None
+        if "chosen_caption" in obj or "rejected_caption" in obj:
+            captions = [obj.get("chosen_caption") or prompt, obj.get("rejected_caption") or prompt]
     else:
         raise DiffalignError(
             f"{where} has neither \"chosen\"/\"rejected\" nor \"images\"/\"scores\": see docs/datasets.md for the format"
         )
+    own_captions = captions is not None
     if captions is None:
         captions = [prompt] * len(images)
     if not isinstance(captions, list) or len(captions) != len(images) or not all(isinstance(c, str) for c in captions):
         raise DiffalignError(f"{where}: \"captions\" must be a list of {len(images)} strings, one per image")
     if not all(isinstance(p, str) and p for p in images):
         raise DiffalignError(f"{where}: image paths must be non-empty strings")
-    return _Group(prompt, list(images), list(captions), scores, where, base_dir)
+    return _Group(prompt, list(images), list(captions), scores, where, base_dir, own_captions)
 
 
 def _jsonl_lines(path: Path) -> Iterator[tuple[int, _Group]]:
@@ -738,15 +785,12 @@ def _stack(values: list[torch.Tensor], key: str) -> torch.Tensor:
 def collate_groups(items: list[dict]) -> dict:
     """Stack groups: pixels/latents (B, K, ...), prompts list[B], captions list[B][K], scores (B, K).
 
-    Cached groups (diffalign.cache): cond (B, K, ...), prompt_cond (B, ...) stacked by name;
-    empty_cond (1, ...) passed through.
+    Cached groups (diffalign.cache): cond (B, K, ...), prompt_cond (B, ...) stacked by name.
     """
     batch = {}
     for key in items[0]:
         values = [item[key] for item in items]
-        if key == "empty_cond":  # the latent cache's empty prompt: one for the whole batch
-            out = values[0]
-        elif torch.is_tensor(values[0]):
+        if torch.is_tensor(values[0]):
             out = _stack(values, key)
         elif isinstance(values[0], dict):  # the latent cache's text embeddings, stacked by name
             out = {k: _stack([v[k] for v in values], f"{key}.{k}") for k in values[0]}

@@ -13,12 +13,12 @@ import json
 import os
 import signal
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from diffalign.config import TrainConfig, add_config_arguments, merge, load_yaml, resolve_config, save_config
+from diffalign.config import TrainConfig, add_config_arguments, load_yaml, merge, resolve_config, save_config, validate
 from diffalign.errors import DiffalignError
 from diffalign.objectives import get_objective, resolve_hparams
 
@@ -34,8 +34,25 @@ def run(args) -> int:
     return 130 if result.get("interrupted") else 0
 
 
-# The toy models and their quickstart configs (each names the model's own preference data).
-TOY_QUICKSTARTS = {"toy-sd": "quickstart.yaml", "toy-flow": "quickstart-flow.yaml"}
+# The shipped toy models, in the order a quickstart looks for a method's recipe
+# (configs/quickstart/<model>/<method>.yaml): flow-only methods exist only under toy-flow.
+QUICKSTART_MODELS = ("toy-sd", "toy-flow")
+
+
+def quickstart_recipe(method: str, model: str | None) -> Path:
+    """configs/quickstart/<model>/<method>.yaml; with no model, the first toy model that has one."""
+    from diffalign.paths import configs_dir
+
+    root = configs_dir() / "quickstart"
+    for name in [model] if model else QUICKSTART_MODELS:
+        recipe = root / name / f"{method}.yaml"
+        if recipe.is_file():
+            return recipe
+    have = sorted(p.stem for p in (root / (model or QUICKSTART_MODELS[0])).glob("*.yaml"))
+    raise DiffalignError(
+        f"no toy quickstart for --method {method}" + (f" on {model}" if model else "")
+        + f": the toy recipes are {', '.join(have)}; or give --model and --dataset"
+    )
 
 
 def quickstart_base(args) -> TrainConfig | None:
@@ -43,39 +60,37 @@ def quickstart_base(args) -> TrainConfig | None:
 
     A toy model with no --dataset (`--model toy-flow`) runs the quickstart on that model and its data.
     """
-    from diffalign.paths import configs_dir
-
     user = load_yaml(args.config) if getattr(args, "config", None) else {}
     model = getattr(args, "model", None) or user.get("model")
     dataset = getattr(args, "dataset", None) or user.get("dataset")
     if model and dataset:
         return None
-    if dataset or (model and model not in TOY_QUICKSTARTS):
+    if dataset or (model and model not in QUICKSTART_MODELS):
         missing = "--dataset" if model else "--model"
         raise DiffalignError(
             f"{missing} is missing: give both --model and --dataset, or neither (or only a toy model: "
-            f"{', '.join(TOY_QUICKSTARTS)}) to run the toy quickstart"
+            f"{', '.join(QUICKSTART_MODELS)}) to run the toy quickstart"
         )
     method = getattr(args, "method", None) or user.get("method") or "dpo"
-    default_model = "toy-flow" if method == "flow-dpo" else "toy-sd"
-    name = TOY_QUICKSTARTS[model or default_model]
-    base = merge(TrainConfig(), load_yaml(configs_dir() / name), f"configs/{name}")
-    base.output_dir = f"outputs/quickstart-{method}" + (f"-{model}" if model and model != default_model else "")
-    # Method-specific data: ranked lists for rankdpo, per-image captions for dcpo.
-    data = {"rankdpo": "ranked.parquet"}.get(method)  # dcpo: pairs.parquet's caption_0/caption_1
-    if data:
-        base.dataset = base.dataset.replace("pairs.parquet", data)
-    if method == "rankdpo":  # the toy ranked lists carry raw toy-reward scores, not win fractions
-        base.objective = {"label_gain": "rank"}
-    if method == "mapo":  # no reference model holds MaPO's update, and 1e-4 re-draws as much as 1e-3 but gains less
-        base.lr = 1e-3  # held-out toy-judge win on toy-sd 0.542 vs 0.506 over 3 seeds (docs/benchmarks.md)
-    if method == "dcpo" and base.model == "toy-sd":
-        # DPO's beta, not the DCPO paper's 500: the perturbed loser captions weaken the contrast,
-        # and the stronger pull to the reference keeps the update from re-drawing images. Toy-judge
-        # win 0.644 / 0.648 / 0.602 against 0.590 / 0.602 / 0.569 at 500 (docs/benchmarks.md).
-        base.beta = 5000.0
-    print(f"diffalign: no --dataset given: running the toy quickstart on {base.model} (configs/{name})")
+    recipe = quickstart_recipe(method, model)
+    shown = recipe.relative_to(recipe.parents[2])
+    base = merge(TrainConfig(), load_yaml(recipe), f"configs/{shown}")
+    print(f"diffalign: no --dataset given: running the toy quickstart on {base.model} (configs/{shown})")
     return base
+
+
+DEFAULT_RESOLUTION = 512
+
+
+def model_resolution(model) -> int:
+    """The size a model was built for (its configs), for a run that does not set --resolution."""
+    from diffalign.edges import native_resolution
+
+    if not isinstance(model, (str, Path)):  # a pipeline object
+        denoiser = getattr(model, "unet", None) or getattr(model, "transformer", None)
+        size = getattr(denoiser.config, "sample_size", None) if denoiser is not None else None
+        return size * model.vae_scale_factor if isinstance(size, int) else DEFAULT_RESOLUTION
+    return native_resolution(model) or DEFAULT_RESOLUTION
 
 
 def resolve_shipped(name: str | None) -> str | None:
@@ -119,7 +134,7 @@ class GroupOrder:
 def micro_step_generator(seed: int, micro_step: int) -> torch.Generator:
     """The noise/timestep/dropout RNG of one micro-step: a pure function of where we are, so
     a resumed run draws exactly what the uninterrupted one would have. The same on every
-    process: each keeps its own rows of the global draw (see elbo.shared_noise_and_timesteps)."""
+    process: each keeps its own rows of the global draw (`draw_step(...).rows(...)`)."""
     return torch.Generator().manual_seed((seed * 1_000_003 + micro_step * 7_919) % (2**63 - 1))
 
 
@@ -207,34 +222,56 @@ def setup_denoiser(cfg: TrainConfig, adapter, needs_ref: bool):
     return params, ref
 
 
-def caption_dropout_mask(cfg: TrainConfig, generator: torch.Generator, rows: slice, total: int) -> torch.Tensor:
-    """Which groups of this process train on the empty prompt, drawn over the global batch."""
-    return (torch.rand(total, generator=generator) < cfg.caption_dropout)[rows]
+@dataclass
+class StepDraws:
+    """One micro-step's randomness: caption dropout (B,) bool or None, noise (B, C, h, w) shared
+    by the K images of a group, and t (B,)."""
+
+    drop: torch.Tensor | None
+    noise: torch.Tensor
+    t: torch.Tensor
+
+    def rows(self, rows: slice) -> "StepDraws":
+        """This process's rows of the global draw."""
+        return StepDraws(None if self.drop is None else self.drop[rows], self.noise[rows], self.t[rows])
 
 
-def encode_batch(adapter, batch: dict, cfg: TrainConfig, uses_captions: bool, generator: torch.Generator, device,
-                 rows: slice, total: int):
-    """Latents (B, K, C, h, w) and conditioning for B*K images, group-major."""
-    if "latents" in batch:  # from the latent cache: no VAE and no text encoder in the loop
-        return cached_inputs(batch, cfg, uses_captions, generator, device, rows, total)
+def draw_step(adapter, batch: dict, generator: torch.Generator, groups: int, caption_dropout: float = 0.0) -> StepDraws:
+    """The randomness of one micro-step for `groups` groups (the whole global batch), in a fixed
+    order from the micro-step's own generator, so every process, a resumed run and a run with
+    another number of processes draw the same numbers; each process then keeps its rows.
+    `batch` (this process's) gives the latent shape."""
+    from diffalign.elbo import draw_noise_and_timesteps
+
+    drop = torch.rand(groups, generator=generator) < caption_dropout if caption_dropout > 0 else None
+    if "latents" in batch:
+        latent_shape = tuple(batch["latents"].shape[2:])
     else:
-        pixels = batch["pixels"].to(device)
-        b, k = pixels.shape[:2]
-        with torch.no_grad():
-            flat = adapter.encode_images(pixels.reshape(b * k, *pixels.shape[2:]).to(adapter.pipe.vae.dtype))
-        latents = flat.reshape(b, k, *flat.shape[1:])
-    b, k = latents.shape[:2]
+        latent_shape = adapter.latent_shape(*batch["pixels"].shape[-2:])
+    noise, t = draw_noise_and_timesteps(adapter, latent_shape, groups, generator)
+    return StepDraws(drop, noise, t)
+
+
+def encode_batch(adapter, batch: dict, uses_captions: bool, drop: torch.Tensor | None, device,
+                 empty_cond: dict | None = None):
+    """Latents (B, K, C, h, w) and conditioning for B*K images, group-major; groups in `drop`
+    train on the empty prompt."""
+    if "latents" in batch:  # from the latent cache: no VAE and no text encoder in the loop
+        return cached_inputs(batch, uses_captions, drop, device, empty_cond)
+    pixels = batch["pixels"].to(device)
+    b, k = pixels.shape[:2]
+    with torch.no_grad():
+        flat = adapter.encode_images(pixels.reshape(b * k, *pixels.shape[2:]).to(adapter.pipe.vae.dtype))
+    latents = flat.reshape(b, k, *flat.shape[1:])
     texts = [list(c) if uses_captions else [p] * k for p, c in zip(batch["prompts"], batch["captions"])]
-    if cfg.caption_dropout > 0:
-        drop = caption_dropout_mask(cfg, generator, rows, total)
+    if drop is not None:
         texts = [[""] * k if d else t for d, t in zip(drop.tolist(), texts)]
     flat_texts = [t for group in texts for t in group]
     cond = encode_texts(adapter, flat_texts)
     return latents, {key: value.to(device) for key, value in cond.items()}
 
 
-def cached_inputs(batch: dict, cfg: TrainConfig, uses_captions: bool, generator: torch.Generator, device, rows: slice,
-                  total: int):
+def cached_inputs(batch: dict, uses_captions: bool, drop: torch.Tensor | None, device, empty_cond: dict | None):
     """Latents and per-image conditioning straight from the cache (caption dropout included)."""
     latents = batch["latents"].to(device)
     b, k = latents.shape[:2]
@@ -242,10 +279,10 @@ def cached_inputs(batch: dict, cfg: TrainConfig, uses_captions: bool, generator:
         cond = {key: value.flatten(0, 1) for key, value in batch["cond"].items()}  # (B*K, ...)
     else:  # every image of a group on its prompt
         cond = {key: value.repeat_interleave(k, dim=0) for key, value in batch["prompt_cond"].items()}
-    if cfg.caption_dropout > 0:
-        drop = caption_dropout_mask(cfg, generator, rows, total).repeat_interleave(k)
-        empty = batch["empty_cond"]
-        cond = {key: torch.where(drop.view(-1, *[1] * (v.ndim - 1)), empty[key].to(v.dtype), v) for key, v in cond.items()}
+    if drop is not None:
+        mask = drop.repeat_interleave(k)
+        cond = {key: torch.where(mask.view(-1, *[1] * (v.ndim - 1)), empty_cond[key].to(v.dtype), v)
+                for key, v in cond.items()}
     return latents, {key: value.to(device) for key, value in cond.items()}
 
 
@@ -258,18 +295,16 @@ def encode_texts(adapter, texts: list[str]) -> dict[str, torch.Tensor]:
     return {key: value.index_select(0, index.to(value.device)) for key, value in table.items()}
 
 
-def compute_loss(adapter, denoiser, batch: dict, cfg: TrainConfig, objective, hparams: dict, reference,
-                 generator: torch.Generator, device, rows: slice | None = None, total: int | None = None):
+def compute_loss(adapter, denoiser, batch: dict, objective, hparams: dict, reference, draws: StepDraws, device,
+                 empty_cond: dict | None = None):
     """One micro-step's objective: encode -> policy/reference errors -> loss. Returns (loss, metrics).
 
-    rows/total: this process's share of the global batch (default: all of it)."""
+    `draws` holds this process's rows of the step's randomness (`draw_step(...).rows(...)`)."""
     from diffalign.elbo import policy_and_reference_errors
 
-    b = len(batch["prompts"])
-    rows = rows or slice(0, b)
-    total = total or rows.stop
-    latents, cond = encode_batch(adapter, batch, cfg, objective.USES_IMAGE_CAPTIONS, generator, device, rows, total)
-    err, ref_err, _ = policy_and_reference_errors(adapter, denoiser, latents, cond, generator, reference, rows, total)
+    uses_captions = objective.DATA == "captioned-pairs"
+    latents, cond = encode_batch(adapter, batch, uses_captions, draws.drop, device, empty_cond)
+    err, ref_err = policy_and_reference_errors(adapter, denoiser, latents, cond, draws.noise, draws.t, reference)
     scores = batch["scores"].to(err.device) if batch.get("scores") is not None else None
     losses, metrics = objective.loss(err, ref_err, scores=scores, num_timesteps=adapter.num_train_timesteps, **hparams)
     return losses.mean(), metrics
@@ -278,7 +313,26 @@ def compute_loss(adapter, denoiser, batch: dict, cfg: TrainConfig, objective, hp
 # --------------------------------------------------------------------------- the loop
 def train(cfg: TrainConfig, pipeline=None) -> dict:
     """Run training as configured. `pipeline`: an already-loaded diffusers pipeline to train
-    instead of loading `cfg.model` (for notebooks and tests)."""
+    instead of loading `cfg.model` (for notebooks and tests).
+
+    Everything the config alone decides is checked before any model loads: the values, and
+    whether the output folder may hold this run (one run a folder, one process group at a time,
+    a resume only of the same run)."""
+    from diffalign import checkpoint as ckpt
+
+    validate(cfg)
+    cfg = replace(cfg, model=resolve_shipped(cfg.model), dataset=resolve_shipped(cfg.dataset))
+    if cfg.resolution is None:
+        cfg = replace(cfg, resolution=model_resolution(cfg.model if pipeline is None else pipeline))
+    out = check_output_dir(cfg.output_dir)
+    resume_from = ckpt.resolve_resume(cfg.resume, out)
+    ckpt.check_same_run(asdict(cfg), out, resume_from)
+    with ckpt.RunLock(out, enabled=int(os.environ.get("RANK", "0")) == 0):
+        return run_training(cfg, out, resume_from, pipeline)
+
+
+def run_training(cfg: TrainConfig, out: Path, resume_from: Path | None, pipeline=None) -> dict:
+    """The loop itself, on a validated config and a folder this run holds."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -288,8 +342,6 @@ def train(cfg: TrainConfig, pipeline=None) -> dict:
     from diffalign.models.lora import set_attention
 
     objective = get_objective(cfg.method)
-    cfg = replace(cfg, model=resolve_shipped(cfg.model), dataset=resolve_shipped(cfg.dataset))
-    out = check_output_dir(cfg.output_dir)
     accelerator = Accelerator(
         # Several processes and no GPU (e.g. `accelerate launch --multi_gpu --num_processes 2` on a
         # laptop): run them as a gloo process group on the CPU instead of failing on CUDA.
@@ -329,7 +381,6 @@ def train(cfg: TrainConfig, pipeline=None) -> dict:
         accelerator.register_for_checkpointing(ema)
 
     state = {"step": 0, "epoch": 0, "consumed": 0}
-    resume_from = ckpt.resolve_resume(cfg.resume, out)
     if resume_from is not None:
         state = ckpt.load_checkpoint(accelerator, resume_from)
         if main:
@@ -339,91 +390,108 @@ def train(cfg: TrainConfig, pipeline=None) -> dict:
         save_config(cfg, out / "config.yaml")
         print(
             f"diffalign: {cfg.method} on {adapter.family} ({adapter.prediction_type}), "
-            f"{'full fine-tune' if cfg.full_finetune else f'LoRA rank {cfg.lora_rank}'}, attention={attention}, "
+            f"{'full fine-tune' if cfg.full_finetune else f'LoRA rank {cfg.lora_rank}'}, {cfg.resolution} px, attention={attention}, "
             f"{len(dataset) if hasattr(dataset, '__len__') else 'streamed'} groups, {sum(p.numel() for p in params):,} trainable parameters, hparams={hparams}"
         )
     metrics_file = open(out / "metrics.jsonl", "a") if main else None
     stop = install_stop_handler()
     progress = tqdm(total=cfg.max_steps, initial=state["step"], disable=not main, desc=cfg.method, dynamic_ncols=True)
-    window: list[dict] = []
+    log = StepLog(accelerator)
     rank = accelerator.process_index
     rows = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)  # this process's rows of a global batch
     global_batch = cfg.batch_size * accelerator.num_processes
+    empty_cond = dataset.empty_cond if cfg.cache_latents else None  # the cache's empty prompt, for caption dropout
     step_start = time.perf_counter()
     interrupted = False
 
     def save(step_state):
-        path = ckpt.save_checkpoint(accelerator, out, step_state["step"], step_state, cfg.keep_checkpoints)
-        return path
+        # The checkpoint carries the config it was trained with, so a resume can check it is the same run.
+        return ckpt.save_checkpoint(accelerator, out, step_state["step"], {**step_state, "config": asdict(cfg)},
+                                    cfg.keep_checkpoints)
 
-    while state["step"] < cfg.max_steps and not interrupted:
-        loader = make_loader(dataset, cfg, state, accelerator)
-        if loader is None:  # fewer groups left in this epoch than one batch
-            if state["consumed"] == 0:
-                raise DiffalignError(
-                    f"the dataset has fewer usable groups than one batch of {cfg.batch_size} per process: "
-                    "lower --batch-size or add data"
-                )
-            state["epoch"], state["consumed"] = state["epoch"] + 1, 0
-            continue
-        produced = False
-        for batch in loader:
-            produced = True
-            batch["empty_cond"] = getattr(dataset, "empty_cond", None)
-            micro = state["step"] * cfg.grad_accum + len(window)
-            generator = micro_step_generator(cfg.seed, micro)
-            with accelerator.accumulate(denoiser), accelerator.autocast():
-                loss, metrics = compute_loss(
-                    adapter, denoiser, batch, cfg, objective, hparams, reference, generator, accelerator.device, rows,
-                    global_batch,
-                )
-                if any_process(accelerator, not torch.isfinite(loss).item()):  # all stop together
-                    raise_non_finite(loss, state, save, main)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            state["consumed"] += cfg.batch_size
-            window.append(summarise(loss, metrics, accelerator))
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            if ema is not None:
-                ema.step(params)
-            state["step"] += 1
-            record = average(window)
-            window = []
-            elapsed = time.perf_counter() - step_start
-            step_start = time.perf_counter()
-            record.update(step=state["step"], epoch=state["epoch"], lr=scheduler.get_last_lr()[0], step_time=elapsed)
-            if main and state["step"] % max(cfg.log_every, 1) == 0:
+    def write_metrics():
+        for record in log.flush():
+            if main:
                 metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
                 if cfg.report_to != "none":
-                    accelerator.log(record, step=state["step"])
-            progress.update(1)
-            progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('implicit_acc', float('nan')):.2f}")
-            if cfg.validation_every and state["step"] % cfg.validation_every == 0 and main:
-                run_validation(cfg, adapter, out, state["step"])
-            if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
-                save(dict(state))
-            if any_process(accelerator, stop.requested):
-                path = save(dict(state))
-                if main:
-                    print(f"\ndiffalign: stopped by signal at step {state['step']}; checkpoint {path}; "
-                          f"continue with --resume latest")
-                interrupted = True
-                break
-            if state["step"] >= cfg.max_steps:
-                break
-        else:
-            if not produced:
-                raise DiffalignError(
-                    f"this process's share of the stream holds fewer than {cfg.batch_size} groups: "
-                    "lower --batch-size, use fewer processes, or add data"
-                )
-            state["epoch"], state["consumed"] = state["epoch"] + 1, 0
+                    accelerator.log(record, step=record["step"])
+        if main:
+            metrics_file.flush()
+
+    last_good = dict(state)  # the state at the last optimiser step: what a checkpoint may hold
+    try:
+        while state["step"] < cfg.max_steps and not interrupted:
+            loader = make_loader(dataset, cfg, state, accelerator)
+            if loader is None:  # fewer groups left in this epoch than one batch
+                if state["consumed"] == 0:
+                    raise DiffalignError(
+                        f"the dataset has fewer usable groups than one batch of {cfg.batch_size} per process: "
+                        "lower --batch-size or add data"
+                    )
+                state["epoch"], state["consumed"] = state["epoch"] + 1, 0
+                continue
+            produced = False
+            for batch in loader:
+                produced = True
+                micro = state["step"] * cfg.grad_accum + log.micro_steps
+                generator = micro_step_generator(cfg.seed, micro)
+                draws = draw_step(adapter, batch, generator, global_batch, cfg.caption_dropout).rows(rows)
+                with accelerator.accumulate(denoiser), accelerator.autocast():
+                    loss, metrics = compute_loss(adapter, denoiser, batch, objective, hparams, reference, draws,
+                                                 accelerator.device, empty_cond)
+                    log.add(loss, metrics)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        # One host sync a step, before the weights change, on every process at once.
+                        bad = log.non_finite()
+                        if any_process(accelerator, bad is not None):
+                            raise DiffalignError(f"loss is {bad if bad is not None else 'not finite'} at step "
+                                                 f"{state['step'] + 1}: lower --lr or --beta, or train in fp32/bf16 "
+                                                 "instead of fp16")
+                        if cfg.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                state["consumed"] += cfg.batch_size
+                if not accelerator.sync_gradients:
+                    continue
+                scheduler.step()
+                if ema is not None:
+                    ema.step(params)
+                state["step"] += 1
+                last_good = dict(state)
+                elapsed = time.perf_counter() - step_start
+                step_start = time.perf_counter()
+                log.end_step(step=state["step"], epoch=state["epoch"], lr=scheduler.get_last_lr()[0], step_time=elapsed)
+                progress.update(1)
+                if state["step"] % cfg.log_every == 0 or state["step"] >= cfg.max_steps:
+                    write_metrics()
+                    progress.set_postfix(loss=f"{log.last['loss']:.4f}", acc=f"{log.last.get('implicit_acc', float('nan')):.2f}")
+                if cfg.validation_every and state["step"] % cfg.validation_every == 0 and main:
+                    run_validation(cfg, adapter, out, state["step"])
+                if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
+                    write_metrics()  # a resumed run trims metrics.jsonl to its checkpoint: log up to it first
+                    save(dict(state))
+                if any_process(accelerator, stop.requested):
+                    write_metrics()
+                    path = save(dict(state))
+                    if main:
+                        print(f"\ndiffalign: stopped by signal at step {state['step']}; checkpoint {path}; "
+                              f"continue with --resume latest")
+                    interrupted = True
+                    break
+                if state["step"] >= cfg.max_steps:
+                    break
+            else:
+                if not produced:
+                    raise DiffalignError(
+                        f"this process's share of the stream holds fewer than {cfg.batch_size} groups: "
+                        "lower --batch-size, use fewer processes, or add data"
+                    )
+                state["epoch"], state["consumed"] = state["epoch"] + 1, 0
+    except DiffalignError as err:  # bad data under --strict, a non-finite loss, ...: keep the work done
+        write_metrics()
+        raise DiffalignError(f"{err}; {keep_work(last_good, save, out)}") from None
     progress.close()
     stop.restore()
     if metrics_file:
@@ -476,16 +544,24 @@ def make_loader(dataset, cfg: TrainConfig, state: dict, accelerator):
 
 
 
-def build_training_data(cfg: TrainConfig, adapter, accelerator, objective):
-    from diffalign.data import DataConfig, build_dataset
+def data_config(cfg: TrainConfig):
+    """The data section of the training config: every DataConfig field has a TrainConfig twin."""
+    from dataclasses import fields
 
-    data_cfg = DataConfig(
-        dataset=cfg.dataset, resolution=cfg.resolution, random_flip=cfg.random_flip, center_crop=cfg.center_crop,
-        streaming=cfg.streaming, strict=cfg.strict, max_samples=cfg.max_samples, seed=cfg.seed,
-    )
-    pairwise = cfg.method not in ("rankdpo",)
+    from diffalign.data import DataConfig
+
+    return DataConfig(**{f.name: getattr(cfg, f.name) for f in fields(DataConfig)})
+
+
+def build_training_data(cfg: TrainConfig, adapter, accelerator, objective):
+    data_cfg = data_config(cfg)
+    pairwise = objective.DATA != "ranked"
     if not cfg.cache_latents:
-        return build_dataset(data_cfg, pairwise=pairwise)
+        from diffalign.data import build_dataset
+
+        dataset = build_dataset(data_cfg, pairwise=pairwise)
+        check_data_fits(cfg, objective, dataset)
+        return dataset
     from diffalign.cache import CachedDataset, build_cache
 
     cache_root = cfg.cache_dir or str(Path(cfg.output_dir) / "latent-cache")
@@ -493,6 +569,29 @@ def build_training_data(cfg: TrainConfig, adapter, accelerator, objective):
                          device=accelerator.device, rank=accelerator.process_index, world_size=accelerator.num_processes)
     accelerator.wait_for_everyone()
     return CachedDataset(folder)
+
+
+def check_data_fits(cfg: TrainConfig, objective, dataset) -> None:
+    """Data the objective cannot learn from: DCPO without per-image captions would train as plain
+    DPO, and ranked lists that are all ties give RankDPO a zero loss."""
+    import warnings
+
+    from diffalign.data import GroupDataset, describe_groups
+
+    if not isinstance(dataset, GroupDataset):  # a stream: nothing to read ahead
+        return
+    seen = describe_groups(dataset)
+    if objective.DATA == "captioned-pairs" and not seen["image_captions"]:
+        raise DiffalignError(
+            f"{cfg.method} needs a caption per image but the first {seen['checked']} groups of {cfg.dataset!r} have "
+            "none: add caption_0/caption_1 columns (or \"captions\" in JSONL), "
+            "e.g. with `diffalign captions`"
+        )
+    if objective.DATA == "ranked" and seen["all_ties"]:
+        warnings.warn(
+            f"the first {seen['checked']} groups of {cfg.dataset!r} are all ties (equal scores): {cfg.method} learns "
+            "nothing from a tie (loss 0); check the score columns", stacklevel=2
+        )
 
 
 def register_trainable_checkpointing(accelerator) -> None:
@@ -508,11 +607,14 @@ def register_trainable_checkpointing(accelerator) -> None:
     def load_hook(models, input_dir):
         for i, model in enumerate(list(models)):
             state = load_file(str(Path(input_dir) / f"trainable_{i}.safetensors"))
-            missing = set(state) - {n for n, _ in model.named_parameters()}
-            if missing:
+            shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+            misfits = sorted(n for n, w in state.items() if shapes.get(n) != tuple(w.shape))
+            if misfits:
+                name = misfits[0]
+                found = f"shape {tuple(state[name].shape)} where the model has {shapes[name]}" if name in shapes else "unknown"
                 raise DiffalignError(
-                    f"checkpoint {input_dir} does not fit this model ({len(missing)} unknown weights, e.g. "
-                    f"{sorted(missing)[0]}): resume with the same --model, --lora-rank and --full-finetune settings"
+                    f"checkpoint {input_dir} does not fit this model ({len(misfits)} weights, e.g. {name}: {found}): "
+                    "resume with the same --model, --lora-rank and --full-finetune settings"
                 )
             model.load_state_dict(state, strict=False)
         models.clear()
@@ -538,24 +640,63 @@ def trim_metrics(path: Path, last_step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
-def summarise(loss: torch.Tensor, metrics: dict, accelerator) -> dict:
-    """Mean of each metric over the global batch (gathered across processes)."""
-    values = {"loss": loss.detach().reshape(1)}
-    values.update({k: v.detach().float().reshape(-1) for k, v in metrics.items()})
-    return {k: accelerator.gather(v.to(accelerator.device)).float().mean().item() for k, v in values.items()}
+class StepLog:
+    """Loss and objective metrics kept on the device, moved to the host only when written.
+
+    `add` takes each micro-step's values (means over its groups); `end_step` closes an
+    optimiser step; `flush` gathers every pending step from all processes in one call and
+    returns metrics.jsonl rows (means over the global batch and the step's micro-steps).
+    `non_finite` is the one per-step host sync: it tells whether any micro-step of the step
+    had a NaN or infinite loss, before the optimiser applies it."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.micro: list[dict[str, torch.Tensor]] = []
+        self.pending: list[tuple[dict, dict[str, torch.Tensor]]] = []
+        self.last: dict = {}
+
+    @property
+    def micro_steps(self) -> int:
+        return len(self.micro)
+
+    def add(self, loss: torch.Tensor, metrics: dict) -> None:
+        values = {"loss": loss.detach().float()}
+        values.update({k: torch.as_tensor(v).detach().float().mean() for k, v in metrics.items()})
+        self.micro.append(values)
+
+    def non_finite(self) -> float | None:
+        """The first NaN or infinite loss of the current step, or None."""
+        losses = torch.stack([m["loss"] for m in self.micro])
+        bad = losses[~torch.isfinite(losses)]
+        return float(bad[0]) if len(bad) else None
+
+    def end_step(self, **info) -> None:
+        means = {k: torch.stack([m[k] for m in self.micro]).mean() for k in self.micro[0]}
+        self.pending.append((info, means))
+        self.micro = []
+
+    def flush(self) -> list[dict]:
+        if not self.pending:
+            return []
+        names = list(self.pending[0][1])
+        local = torch.stack([torch.stack([values[k] for k in names]) for _, values in self.pending])  # (S, M)
+        if self.accelerator.num_processes > 1:
+            local = self.accelerator.gather(local.to(self.accelerator.device)[None]).mean(0)
+        rows = [{**dict(zip(names, values)), **info} for (info, _), values in zip(self.pending, local.tolist())]
+        self.pending = []
+        self.last = rows[-1]
+        return rows
 
 
-def average(window: list[dict]) -> dict:
-    return {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+def keep_work(last_good: dict, save, out: Path) -> str:
+    """Checkpoint the last finished step (unless one exists) and say where it is."""
+    from diffalign.checkpoint import list_checkpoints
 
-
-def raise_non_finite(loss, state, save, main):
-    path = save(dict(state)) if state["step"] > 0 else None
-    where = f"the last good weights are in {path}" if path else "no step had finished"
-    raise DiffalignError(
-        f"loss is {loss.item()} at step {state['step'] + 1}; training stopped and {where}: lower --lr or --beta, "
-        "or train in fp32/bf16 instead of fp16"
-    )
+    if last_good["step"] == 0:
+        return "training stopped before the first step finished"
+    found = [p for p in list_checkpoints(out) if p.name == f"checkpoint-{last_good['step']}"]
+    path = found[0] if found else save(dict(last_good))
+    return f"training stopped; the last good step is in {path} (--resume latest continues from it)"
 
 
 class install_stop_handler:
@@ -600,16 +741,21 @@ def save_final_weights(cfg: TrainConfig, adapter, denoiser, out: Path) -> None:
 
 
 def run_validation(cfg: TrainConfig, adapter, out: Path, step: int) -> None:
+    from diffalign.edges import sampling_defaults
     from diffalign.plots import save_image_grid
+    from diffalign.sampler import generate
 
     prompts = cfg.validation_prompts or ["a photo"]
     pipe = adapter.pipe
-    images = []
-    for i, prompt in enumerate(prompts):
-        g = torch.Generator().manual_seed(cfg.seed + i)
-        result = pipe(prompt, num_inference_steps=cfg.validation_steps, guidance_scale=cfg.guidance_scale,
-                      generator=g, output_type="pt", height=cfg.resolution, width=cfg.resolution)
-        images.append(result.images[0].float().cpu())
+    # Settings left None: the model folder's diffalign.json, else the pipeline's defaults.
+    sampling = sampling_defaults(cfg.model)
+    if cfg.num_inference_steps is not None:
+        sampling["num_inference_steps"] = cfg.num_inference_steps
+    if cfg.guidance_scale is not None:
+        sampling["guidance_scale"] = cfg.guidance_scale
+    seeds = [cfg.seed + i for i in range(len(prompts))]
+    batch = generate(pipe, prompts, seeds=seeds, height=cfg.resolution, width=cfg.resolution, **sampling)
+    images = list(batch.float().cpu())
     adapter.denoiser.train()
     (out / "validation").mkdir(exist_ok=True)
     save_image_grid([images], out / "validation" / f"step-{step:06d}.png", row_labels=[f"step {step}"], col_labels=prompts)
@@ -628,9 +774,10 @@ def run_final_eval(cfg: TrainConfig, out: Path) -> dict:
     from diffalign.evaluate import evaluate
 
     trained = str(out) if cfg.full_finetune else cfg.model
+    # Settings left None come from the base model's folder (evaluate falls back to the baseline's).
     return evaluate(
-        trained, cfg.model if cfg.full_finetune else None, cfg.eval_prompts, list(cfg.eval_rewards),
+        trained, cfg.model if cfg.full_finetune else None, cfg.eval_prompts, cfg.eval_rewards,
         cfg.eval_num_images, cfg.seed, out / "eval", lora=None if cfg.full_finetune else str(out),
-        steps=cfg.validation_steps, guidance=cfg.guidance_scale, resolution=cfg.resolution,
+        num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, resolution=cfg.resolution,
         max_prompts=cfg.eval_max_prompts, baseline_cache=cfg.eval_baseline_cache,
     )

@@ -4,7 +4,7 @@ The loss is Diffusion-DPO's (dpo.py, same beta convention):
 
     inside = -0.5 * beta * ((err_w - ref_err_w) - (err_l - ref_err_l)),  loss = -log sigmoid(inside)
 
-What changes is the conditioning: `USES_IMAGE_CAPTIONS = True` makes the training loop condition
+What changes is the conditioning: `DATA = "captioned-pairs"` makes the training loop condition
 the winner on its own caption z^w and the loser on z^l (data columns caption_0/caption_1, or
 per-image captions in JSONL), for the policy and the reference alike. So err_w is
 ||eps - eps_theta(x^w_t, z^w)||^2 and err_l is ||eps - eps_theta(x^l_t, z^l)||^2; with both
@@ -24,11 +24,15 @@ import torch.nn.functional as F
 from diffalign.objectives.dpo import pair_logits, pair_metrics
 
 NEEDS_REF = True
-USES_IMAGE_CAPTIONS = True
+DATA = "captioned-pairs"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
 
 DEFAULT_BETA = {"epsilon": 500.0, "v_prediction": 500.0, "flow": 100.0}
 
+
+# Checked before any model loads (diffalign.objectives.check_hparams).
+CHOICES = {}
+POSITIVE = ("beta",)
 
 def default_hparams(prediction_type: str) -> dict:
     return {"beta": DEFAULT_BETA[prediction_type]}

@@ -22,13 +22,17 @@ import torch
 import torch.nn.functional as F
 
 NEEDS_REF = True
-USES_IMAGE_CAPTIONS = False
+DATA = "pairs"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
 
 # Per prediction type, in the convention above.
 DEFAULT_BETA = {"epsilon": 5000.0, "v_prediction": 5000.0, "flow": 100.0}
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 
+
+# Checked before any model loads (diffalign.objectives.check_hparams).
+CHOICES = {"loss_type": LOSS_TYPES}
+POSITIVE = ("beta",)
 
 def default_hparams(prediction_type: str) -> dict:
     return {"beta": DEFAULT_BETA[prediction_type], "loss_type": "sigmoid"}

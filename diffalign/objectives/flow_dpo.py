@@ -13,9 +13,13 @@ import torch
 from diffalign.objectives import dpo
 
 NEEDS_REF = True
-USES_IMAGE_CAPTIONS = False
+DATA = "pairs"
 PREDICTION_TYPES = ("flow",)
 
+
+# Checked before any model loads (diffalign.objectives.check_hparams).
+CHOICES = {"loss_type": dpo.LOSS_TYPES}
+POSITIVE = ("beta",)
 
 def default_hparams(prediction_type: str) -> dict:
     return {"beta": 100.0, "loss_type": "sigmoid"}

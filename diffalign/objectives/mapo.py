@@ -19,9 +19,13 @@ import torch.nn.functional as F
 from diffalign.objectives.dpo import pair_metrics
 
 NEEDS_REF = False
-USES_IMAGE_CAPTIONS = False
+DATA = "pairs"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
 
+
+# Checked before any model loads (diffalign.objectives.check_hparams).
+CHOICES = {}
+POSITIVE = ("beta", "snr_value")
 
 def default_hparams(prediction_type: str) -> dict:
     return {"beta": 0.1, "snr_value": 0.5}

@@ -45,13 +45,17 @@ from diffalign.errors import DiffalignError
 from diffalign.objectives.dpo import pair_metrics
 
 NEEDS_REF = True
-USES_IMAGE_CAPTIONS = False
+DATA = "ranked"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
 
 DEFAULT_BETA = {"epsilon": 5000.0, "v_prediction": 5000.0, "flow": 100.0}
 WEIGHTINGS = ("dcg", "gain", "none")
 LABEL_GAINS = ("psi", "rank")
 
+
+# Checked before any model loads (diffalign.objectives.check_hparams).
+CHOICES = {"weighting": WEIGHTINGS, "label_gain": LABEL_GAINS}
+POSITIVE = ("beta",)
 
 def default_hparams(prediction_type: str) -> dict:
     return {"beta": DEFAULT_BETA[prediction_type], "weighting": "dcg", "label_gain": "psi"}

@@ -9,9 +9,13 @@ from __future__ import annotations
 import torch
 
 NEEDS_REF = False
-USES_IMAGE_CAPTIONS = False
+DATA = "pairs"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
 
+
+# Checked before any model loads (diffalign.objectives.check_hparams).
+CHOICES = {}
+POSITIVE = ()
 
 def default_hparams(prediction_type: str) -> dict:
     return {}

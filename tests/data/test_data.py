@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from data_helpers import image_bytes, pickapic_rows, write_image, write_jsonl, write_parquet
+from helpers import image_bytes, pickapic_rows, write_image, write_jsonl, write_parquet
 
 from diffalign.data import DataConfig, build_dataset, collate_groups
 from diffalign.errors import DiffalignError
@@ -314,3 +314,45 @@ def test_datasets_pickle_for_spawned_workers(tmp_path):
     for cfg in (cfg_for(path, streaming=True, shuffle_buffer=0), cfg_for(jsonl, streaming=True)):
         ds = build_dataset(cfg)
         assert [g["prompt"] for g in pickle.loads(pickle.dumps(ds))] == [g["prompt"] for g in ds]
+
+
+def test_a_16_bit_png_is_scaled_not_clipped_to_white(tmp_path):
+    """PIL's convert("RGB") clips 16-bit grey values at 255; the loader scales them to 8 bits."""
+    from PIL import Image
+
+    from diffalign.data import _open_image
+
+    grey = (np.arange(12 * 10).reshape(10, 12) * 500).astype(np.uint16)  # 0 .. 59500
+    path = tmp_path / "deep.png"
+    Image.fromarray(grey).save(path)
+    assert Image.open(path).mode.startswith("I")
+    rgb = np.asarray(_open_image(str(path), None))
+    assert rgb.shape == (10, 12, 3) and (rgb[..., 0] == rgb[..., 2]).all()
+    np.testing.assert_array_equal(rgb[..., 0], np.rint(grey / 257.0).astype(np.uint8))
+
+
+def test_an_empty_parquet_fails_in_one_line(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"caption": pa.array([], pa.string()), "label_0": pa.array([], pa.float64())}), path)
+    with pytest.raises(DiffalignError, match="has no rows"):
+        build_dataset(cfg_for(path))
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(DiffalignError, match="junk.parquet is not a readable parquet file"):
+        build_dataset(cfg_for(tmp_path / "junk.parquet"))
+
+
+def test_describe_groups_tells_own_captions_and_all_ties(tmp_path):
+    from diffalign.data import describe_groups
+
+    plain = build_dataset(cfg_for(write_parquet(tmp_path / "p.parquet", pickapic_rows(4))), pairwise=False)
+    assert describe_groups(plain)["image_captions"] is False
+    captioned = build_dataset(cfg_for(write_parquet(tmp_path / "c.parquet", pickapic_rows(4, captions=True))))
+    assert describe_groups(captioned)["image_captions"] is True
+    ties = build_dataset(cfg_for(write_parquet(tmp_path / "t.parquet", pickapic_rows(3, labels=[0.5] * 3))), pairwise=False)
+    assert describe_groups(ties)["all_ties"] is True and describe_groups(plain)["all_ties"] is False
+    jsonl = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "chosen": write_image(tmp_path / "a.png", 0),
+                                                "rejected": write_image(tmp_path / "b.png", 1)}])
+    assert describe_groups(build_dataset(cfg_for(jsonl)))["image_captions"] is False

@@ -11,7 +11,7 @@ from diffalign.config import TrainConfig
 from diffalign.models import load_adapter
 from diffalign.objectives import get_objective, resolve_hparams
 from diffalign.testing import TINY_RESOLUTION, tiny_pipeline
-from diffalign.train import compute_loss, setup_denoiser
+from diffalign.train import compute_loss, draw_step, setup_denoiser
 
 CASES = [
     ("sd", {}, ["dpo", "mapo"]),
@@ -55,7 +55,8 @@ def test_training_steps(family, kw, method):
     losses = []
     for step in range(6):
         generator = torch.Generator().manual_seed(123)  # fixed noise and t: a fixed batch
-        loss, metrics = compute_loss(adapter, adapter.denoiser, batch, cfg, objective, hparams, reference, generator, "cpu")
+        loss, metrics = compute_loss(adapter, adapter.denoiser, batch, objective, hparams, reference,
+                                   draw_step(adapter, batch, generator, len(batch['prompts'])), "cpu")
         if step == 0 and objective.NEEDS_REF:
             assert loss.item() == pytest.approx(math.log(2), abs=1e-6)  # LoRA B = 0: policy == reference
         optimizer.zero_grad()
@@ -83,12 +84,14 @@ def test_full_finetune_reference_is_a_frozen_copy():
     assert len(params) == len(list(adapter.denoiser.parameters()))
     batch = fixed_batch(32)
     optimizer = torch.optim.SGD(params, lr=1e-2)
-    loss, _ = compute_loss(adapter, adapter.denoiser, batch, cfg, objective, hparams, reference, torch.Generator().manual_seed(1), "cpu")
+    loss, _ = compute_loss(adapter, adapter.denoiser, batch, objective, hparams, reference,
+                                   draw_step(adapter, batch, torch.Generator().manual_seed(1), len(batch['prompts'])), "cpu")
     # Two copies of the same weights agree to float rounding; beta = 5000 amplifies 1e-8 to 1e-4.
     assert loss.item() == pytest.approx(math.log(2), abs=1e-3)
     loss.backward()
     optimizer.step()
-    loss2, metrics = compute_loss(adapter, adapter.denoiser, batch, cfg, objective, hparams, reference, torch.Generator().manual_seed(1), "cpu")
+    loss2, metrics = compute_loss(adapter, adapter.denoiser, batch, objective, hparams, reference,
+                                   draw_step(adapter, batch, torch.Generator().manual_seed(1), len(batch['prompts'])), "cpu")
     # The policy moved, the frozen reference did not.
     assert not torch.allclose(metrics["model_err_w"], metrics["ref_err_w"])
 
@@ -98,6 +101,7 @@ def test_one_forward_serves_the_whole_batch():
     calls = []
     hook = adapter.denoiser.register_forward_hook(lambda m, args, kwargs_out: calls.append(args[0].shape[0]) if args else None)
     batch = fixed_batch(32, b=2, k=2)
-    compute_loss(adapter, adapter.denoiser, batch, cfg, objective, hparams, reference, torch.Generator().manual_seed(0), "cpu")
+    compute_loss(adapter, adapter.denoiser, batch, objective, hparams, reference,
+                                   draw_step(adapter, batch, torch.Generator().manual_seed(0), len(batch['prompts'])), "cpu")
     hook.remove()
     assert calls == [4]  # MaPO: no reference pass, one policy forward over B*K = 4 images

@@ -152,8 +152,11 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_sd_dir, pairs_p
         assert [r[key] for r in metrics(two)] == pytest.approx([r[key] for r in metrics(one)], abs=tol), key
     a = load_file(str(one / "pytorch_lora_weights.safetensors"))
     b = load_file(str(two / "pytorch_lora_weights.safetensors"))
+    # Adam's second step divides the momentum by sqrt(v): where the two steps' gradients nearly
+    # cancel, the all-reduce's rounding is magnified, so the weights agree to a tenth of one step
+    # (lr 1e-3); training on other groups or noise moves them by whole steps.
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)
 
 
 def test_streaming_run_resumes_exactly(tiny_sd_dir, pairs_parquet, tmp_path):
@@ -197,6 +200,65 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes(tiny_sd_dir, pairs_parq
 def test_validation_grid_and_ema(tiny_sd_dir, pairs_parquet, tmp_path):
     out = tmp_path / "val"
     train(cfg_for(tiny_sd_dir, pairs_parquet, out, max_steps=2, validation_every=2, validation_prompts=["a red square"],
-                  validation_steps=2, ema=True))
+                  num_inference_steps=2, ema=True))
     assert (out / "validation" / "step-000002.png").is_file()
     assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_a_folder_holds_one_run(tiny_sd_dir, pairs_parquet, tmp_path):
+    """Another run into a used folder, or a resume with other settings, fails before any model loads."""
+    out = tmp_path / "run"
+    train(cfg_for(tiny_sd_dir, pairs_parquet, out, max_steps=2, checkpoint_every=2))
+    before = (out / "pytorch_lora_weights.safetensors").read_bytes()
+    for change, key in ((dict(method="mapo"), "method"), (dict(lora_rank=8), "lora_rank"), (dict(lr=5e-3), "lr")):
+        for resume in (None, "latest"):
+            with pytest.raises(DiffalignError, match=f"holds another run: its {key} is"):
+                train(cfg_for(tiny_sd_dir, pairs_parquet, out, max_steps=4, resume=resume, **change))
+    with pytest.raises(DiffalignError, match="--max-steps 1 is below the checkpoint's step 2"):
+        train(cfg_for(tiny_sd_dir, pairs_parquet, out, max_steps=1, resume="latest"))
+    assert (out / "pytorch_lora_weights.safetensors").read_bytes() == before  # nothing lost
+    assert not (out / ".lock").exists()
+
+
+def test_a_second_run_on_a_locked_folder_refuses_and_a_stale_lock_is_taken_over(tmp_path):
+    import os
+    import socket
+
+    from diffalign.checkpoint import RunLock
+
+    with RunLock(tmp_path):
+        with pytest.raises(DiffalignError, match=f"in use by another diffalign run \\(pid {os.getpid()}\\)"):
+            RunLock(tmp_path).__enter__()
+    assert not (tmp_path / ".lock").exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / ".lock").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    with pytest.warns(UserWarning, match="is gone"), RunLock(tmp_path):
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_last_one_and_resume_finishes(tiny_sd_dir, pairs_parquet, tmp_path,
+                                                                             monkeypatch):
+    """torch's writer fails mid-checkpoint: one line naming the kept checkpoint, no partial folder, exact resume."""
+    from accelerate import Accelerator
+
+    full = tmp_path / "full"
+    train(cfg_for(tiny_sd_dir, pairs_parquet, full, max_steps=4, checkpoint_every=2))
+    out = tmp_path / "run"
+    real = Accelerator.save_state
+
+    def save_state(self, output_dir=None, **kw):
+        if "checkpoint-4" in str(output_dir):
+            (Path(output_dir)).mkdir(parents=True, exist_ok=True)
+            (Path(output_dir) / "partial.bin").write_bytes(b"x" * 1000)
+            raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file data/3: file write failed")
+        return real(self, output_dir, **kw)
+
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    with pytest.raises(DiffalignError, match="could not write checkpoint .*checkpoint-4 .*the last complete checkpoint is .*checkpoint-2: free at least"):
+        train(cfg_for(tiny_sd_dir, pairs_parquet, out, max_steps=4, checkpoint_every=2))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2"]
+    assert not (out / ".lock").exists()
+    monkeypatch.setattr(Accelerator, "save_state", real)
+    train(cfg_for(tiny_sd_dir, pairs_parquet, out, max_steps=4, checkpoint_every=2, resume="latest"))
+    a, b = load_file(str(full / "pytorch_lora_weights.safetensors")), load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not (asset("toy-sd") / "model_index.json").is_fi
 def test_short_quickstart_writes_every_output(method, tmp_path, capsys):
     out = tmp_path / method
     code = main(["train", "--method", method, "--max-steps", "2", "--output-dir", str(out),
-                 "--eval-max-prompts", "2", "--eval-num-images", "1", "--validation-steps", "2"])
+                 "--eval-max-prompts", "2", "--eval-num-images", "1", "--num-inference-steps", "2"])
     assert code == 0
     for name in ("config.yaml", "metrics.jsonl", "training_curves.png", "pytorch_lora_weights.safetensors",
                  "eval/eval.json", "eval/grid.png"):
@@ -30,7 +30,7 @@ def test_short_quickstart_writes_every_output(method, tmp_path, capsys):
 def test_flow_quickstart_uses_the_flow_model(tmp_path):
     out = tmp_path / "flow"
     assert main(["train", "--method", "flow-dpo", "--max-steps", "1", "--output-dir", str(out),
-                 "--eval-max-prompts", "1", "--validation-steps", "1"]) == 0
+                 "--eval-max-prompts", "1", "--num-inference-steps", "1"]) == 0
     assert "toy-flow" in (out / "config.yaml").read_text()
 
 
@@ -56,7 +56,7 @@ def test_quickstart_learning_rate_per_method(argv, lr):
 
 
 @pytest.mark.parametrize("argv, beta", [
-    (["--method", "dcpo"], 5000.0),  # DPO's beta on toy-sd (docs/benchmarks.md, "DCPO in the toy world")
+    (["--method", "dcpo"], 5000.0),  # DPO's beta on toy-sd (docs/benchmarks.md, "What did not work")
     (["--method", "dcpo", "--beta", "500"], 500.0),  # a user's --beta still wins
     (["--method", "dcpo", "--model", "toy-flow"], None),  # toy-flow keeps the flow default (100)
     (["--method", "dpo"], None),
