@@ -10,6 +10,8 @@ The ratio step / (bare or bare+ref) is diffalign's overhead (goal: <= 1.10).
     python benchmarks/bench_train.py --scale tiny
     # real-size architectures (random weights, built from their configs) on a GPU
     python benchmarks/bench_train.py --scale real --device cuda --dtype bf16
+    # the speed options (TrainConfig.compile, .channels_last), each against the plain step
+    python benchmarks/bench_train.py --scale tiny --only sd15:dpo:lora:nocache --options plain,channels_last,compile
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ def run_case(case: dict) -> dict:
     adapter = load_adapter(pipe, device=device, dtype=torch.float32 if full else dtype)
     objective = get_objective(case["method"])
     cfg = TrainConfig(method=case["method"], full_finetune=full, lora_rank=case["lora_rank"],
-                      gradient_checkpointing=case["scale"] == "real")
+                      gradient_checkpointing=case["scale"] == "real", **{name: True for name in case["options"]})
     hparams = resolve_hparams(case["method"], adapter.prediction_type, {})
     from diffalign.models.lora import set_attention
 
@@ -150,10 +152,14 @@ def run_case(case: dict) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    warmups = []
+
     def timed(fn, n):
+        start = time.perf_counter()
         for i in range(case["warmup"]):
             fn(i)
         sync(device)
+        warmups.append(time.perf_counter() - start)  # torch.compile compiles here
         start = time.perf_counter()
         for i in range(n):
             fn(i)
@@ -166,7 +172,7 @@ def run_case(case: dict) -> dict:
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else rss_gib()
     bare_time = timed(lambda i: bare_step(False), case["steps"])
     bare_ref_time = timed(lambda i: bare_step(True), case["steps"]) if objective.NEEDS_REF else bare_time
-    result = dict(case, attention_used=attention, step_s=step_time, pairs_per_s=b / step_time, peak_gib=peak,
+    result = dict(case, attention_used=attention, step_s=step_time, warmup_s=warmups[0], pairs_per_s=b / step_time, peak_gib=peak,
                   bare_s=bare_time, bare_ref_s=bare_ref_time, ratio_vs_bare=step_time / bare_time,
                   ratio_vs_bare_ref=step_time / bare_ref_time, trainable=sum(p.numel() for p in params))
     if device.type == "cuda":
@@ -212,8 +218,9 @@ def cases(args) -> list[dict]:
         dict(model=model, method=method, full_finetune=mode == "full", cache=cache == "cache", scale=args.scale,
              device=args.device, dtype=args.dtype, batch_size=args.batch_size, lora_rank=args.lora_rank,
              steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops, tokenizer_dir=args.tokenizer_dir,
-             attention=args.attention)
+             attention=args.attention, options=[] if option == "plain" else option.split("+"))
         for model, method, mode, cache in specs
+        for option in args.options.split(",")
     ]
 
 
@@ -230,6 +237,9 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100 SXM: 989)")
     parser.add_argument("--only", default=None, help="cases as model:method:lora|full:cache|nocache,...")
     parser.add_argument("--attention", default="auto", help="auto | sdpa | xformers")
+    parser.add_argument("--options", default="plain",
+                        help="comma list of TrainConfig speed options a case runs with: plain, compile, channels_last, "
+                             "or several joined by + (each case runs once per entry)")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--tokenizer-dir", default=None, help=argparse.SUPPRESS)
@@ -244,7 +254,7 @@ def main() -> None:
 
         args.tokenizer_dir = str(write_clip_tokenizer(tempfile.mkdtemp()))
     results = []
-    header = f"{'model':6} {'method':8} {'mode':5} {'cache':5} {'attn':8} {'pairs/s':>8} {'peak GiB':>8} {'step/bare':>9} {'step/(bare+ref)':>15}" + (" MFU" if args.device == "cuda" else "")
+    header = f"{'model':6} {'method':8} {'mode':5} {'cache':5} {'attn':8} {'options':14} {'pairs/s':>8} {'peak GiB':>8} {'step/bare':>9} {'step/(bare+ref)':>15} {'warm-up s':>9}" + (" MFU" if args.device == "cuda" else "")
     print(header)
     for case in cases(args):
         proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(case)], capture_output=True, text=True,
@@ -257,7 +267,9 @@ def main() -> None:
         results.append(r)
         mfu = f" {r['mfu']:.1%}" if "mfu" in r else ""
         print(f"{r['model']:6} {r['method']:8} {'full' if r['full_finetune'] else 'lora':5} {str(r['cache']):5} {r['attention_used']:8} "
-              f"{r['pairs_per_s']:8.2f} {r['peak_gib']:8.2f} {r['ratio_vs_bare']:9.2f} {r['ratio_vs_bare_ref']:15.2f}{mfu}",
+              f"{'+'.join(r['options']) or 'plain':14} "
+              f"{r['pairs_per_s']:8.2f} {r['peak_gib']:8.2f} {r['ratio_vs_bare']:9.2f} {r['ratio_vs_bare_ref']:15.2f} "
+              f"{r['warmup_s']:9.1f}{mfu}",
               flush=True)
     if args.json:
         with open(args.json, "w") as f:

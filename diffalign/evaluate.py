@@ -17,8 +17,9 @@ has a baseline twin that differs only in the weights. For every reward:
 - gain: the mean gain in standard deviations (effect_size_d), the win rate it would give
   between independent draws, and the share of images the model re-drew (`gain_diagnostics`).
 
-Writes OUT/eval.json, OUT/scores.jsonl (every image's scores), OUT/grid.png (baseline left,
-model right, same seeds) and prints a summary table. `evaluate()` is the same thing as a
+Writes OUT/eval.json, OUT/scores.jsonl (every image's scores), OUT/grid.png (a prompt a row; each
+base image beside its trained twin from the same seed, both with their score under the first
+reward and the higher one framed green) and prints a summary table. `evaluate()` is the same thing as a
 Python function, used by `diffalign train` at the end of the quickstart.
 
 Baseline cache. Comparing many runs with one base model re-draws the same baseline images each
@@ -27,6 +28,10 @@ under $DIFFALIGN_CACHE (default ~/.cache/diffalign)/eval-baselines/, keyed by th
 (path, size, modification time), the prompts, seeds, sampler settings, dtype, device, batch size
 and the torch and diffusers versions, and read back on the next run with the same key.
 `--no-baseline-cache` turns it off; `--baseline-cache DIR` moves it.
+
+Many processes: `accelerate launch [--config_file ...] -m diffalign.cli eval ...` deals the
+sampler batches (and the scoring batches) to the processes in turn, each on its own device; the
+main process gathers the images and scores and writes the same files as one process.
 """
 
 from __future__ import annotations
@@ -45,8 +50,8 @@ from typing import Any
 
 import torch
 
-from diffalign.edges import (atomic_write_bytes, atomic_write_text, default_device, load_pipeline, load_rewards,
-                             model_folder, parse_dtype, parse_reward_specs, read_prompts, sampling_defaults)
+from diffalign.edges import (atomic_write_bytes, default_device, load_pipeline, load_rewards, model_folder, parse_dtype,
+                             parse_reward_specs, read_prompts, sampling_defaults, write_files)
 from diffalign.errors import DiffalignError
 
 BOOTSTRAP_RESAMPLES = 2000
@@ -194,14 +199,15 @@ def image_seeds(num_prompts: int, num_images: int, seed: int) -> list[int]:
 
 
 @torch.no_grad()
-def generate(pipe, prompts: list[str], seeds: list[int], batch_size: int, call_kwargs: dict, desc: str) -> torch.Tensor:
+def generate(pipe, prompts: list[str], seeds: list[int], batch_size: int, call_kwargs: dict, desc: str,
+             progress: bool = True) -> torch.Tensor:
     """uint8 (N, 3, H, W) images; image i is drawn from torch.Generator().manual_seed(seeds[i])."""
     from tqdm.auto import tqdm
 
     from diffalign.sampler import generate as sample
 
     out = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc):
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
         images = sample(pipe, prompts[start : start + batch_size], seeds=seeds[start : start + batch_size], **call_kwargs)
         out.append((images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu())
     return torch.cat(out)
@@ -218,31 +224,88 @@ def score(reward, images: torch.Tensor, prompts: list[str], batch_size: int, dev
     return values
 
 
+def in_batches(n: int, batch_size: int, processes=None) -> list[tuple[int, int]]:
+    """(start, stop) of the batches of `n` items this process works on: batch b belongs to
+    process b % world, so the batches, and what is drawn in them, are those of one process."""
+    from diffalign.processes import Processes
+
+    procs = processes or Processes()
+    starts = range(0, n, batch_size)
+    return [(start, min(start + batch_size, n)) for b, start in enumerate(starts) if procs.owns(b)]
+
+
+def gather_batches(parts: list[tuple[int, Any]], processes) -> list[Any]:
+    """Every process's (start, value) batches, in the order of their starts."""
+    everyone = processes.gather(parts)
+    return [value for _, value in sorted((part for mine in everyone for part in mine), key=lambda part: part[0])]
+
+
+def generate_shared(pipe, prompts: list[str], seeds: list[int], batch_size: int, call_kwargs: dict, desc: str,
+                    processes) -> torch.Tensor:
+    """`generate` with the batches dealt to the processes; every process gets every image."""
+    if processes.world == 1:
+        return generate(pipe, prompts, seeds, batch_size, call_kwargs, desc)
+    parts = [(start, generate(pipe, prompts[start:stop], seeds[start:stop], batch_size, call_kwargs, desc,
+                              progress=False))
+             for start, stop in in_batches(len(prompts), batch_size, processes)]
+    return torch.cat(gather_batches(parts, processes))
+
+
+def score_shared(reward, images: torch.Tensor, prompts: list[str], batch_size: int, device: torch.device,
+                 processes) -> list[float]:
+    """`score` with the batches dealt to the processes; every process gets every score."""
+    if processes.world == 1:
+        return score(reward, images, prompts, batch_size, device)
+    parts = [(start, score(reward, images[start:stop], prompts[start:stop], batch_size, device))
+             for start, stop in in_batches(len(prompts), batch_size, processes)]
+    return [value for values in gather_batches(parts, processes) for value in values]
+
+
 # ------------------------------------------------------------------------------ outputs
 
 
-def write_grid(path: Path, baseline: torch.Tensor, model: torch.Tensor, num_images: int,
-               max_prompts: int = 8, max_images: int = 4, tile: int = 128) -> Path:
-    """Rows = prompts; left block the baseline's images, right block the model's, same seeds."""
-    from PIL import Image, ImageDraw
+def write_grid(path: Path, baseline: torch.Tensor, model: torch.Tensor, num_images: int, **options) -> Path:
+    """`grid_sheet(...)` written to `path` as PNG."""
+    from diffalign.edges import write_files
+    from diffalign.plots import png_bytes
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_files(path.parent, {path.name: png_bytes(grid_sheet(baseline, model, num_images, **options))},
+                       "the evaluation grid")[0]
+
+
+def grid_sheet(baseline: torch.Tensor, model: torch.Tensor, num_images: int, prompts: list[str] | None = None,
+               scores: dict[str, list[float]] | None = None, reward_name: str | None = None, max_prompts: int = 8,
+               max_images: int = 4, tile: int = 160):
+    """grid.png as a PIL image. Rows = prompts (`prompts`: one a row), the prompt above its row;
+    per seed the base image, then its trained twin (same seed). `scores` ({"baseline": [...],
+    "model": [...]}, one an image, under the first reward) go under each image and the higher
+    twin is framed green, so the picture shows what improved."""
+    from diffalign.plots import Tile, image_sheet
 
     num_prompts = min(max_prompts, len(model) // num_images)
     cols = min(max_images, num_images)
-    gap, header = 16, 20
-    width = 2 * cols * tile + gap
-    grid = Image.new("RGB", (width, header + num_prompts * tile), (255, 255, 255))
-    draw = ImageDraw.Draw(grid)
-    draw.text((4, 4), "baseline", fill=(0, 0, 0))
-    draw.text((cols * tile + gap + 4, 4), "model", fill=(0, 0, 0))
+    rows, wins = [], []
     for p in range(num_prompts):
+        row, won = [], 0
         for j in range(cols):
-            for block, images in enumerate((baseline, model)):
-                array = images[p * num_images + j].permute(1, 2, 0).numpy()
-                picture = Image.fromarray(array).resize((tile, tile), Image.NEAREST if array.shape[0] < tile else Image.BICUBIC)
-                grid.paste(picture, (block * (cols * tile + gap) + j * tile, header + p * tile))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    return path
+            i = p * num_images + j
+            if scores is None:
+                row += [Tile(baseline[i]), Tile(model[i])]
+                continue
+            base_score, model_score = scores["baseline"][i], scores["model"][i]
+            won += model_score > base_score
+            for image, own, other in ((baseline[i], base_score, model_score), (model[i], model_score, base_score)):
+                verdict = "  higher" if own > other else "  tie" if own == other else ""
+                row.append(Tile(image, [f"{own:.3f}{verdict}"], "chosen" if own > other else None))
+        rows.append(row)
+        wins.append(f" (trained higher in {won} of {cols})" if scores is not None else "")
+    how = (f"under each image its {reward_name} score, the higher of each pair framed green" if scores is not None
+           else "no scores")
+    title = f"base vs trained: each pair comes from one seed; {how}"
+    row_titles = [f"{p + 1}. {prompts[p]}{wins[p]}" for p in range(num_prompts)] if prompts is not None else None
+    col_titles = [name for j in range(cols) for name in (f"base #{j + 1}", f"trained #{j + 1}")]
+    return image_sheet(rows, row_titles=row_titles, col_titles=col_titles, title=title, tile=tile, group=2)
 
 
 def format_table(results: dict) -> str:
@@ -324,7 +387,7 @@ def evaluate(model: Any, baseline: Any, prompts: list[str] | str, rewards: Any, 
              output_dir: str | Path, *, lora: str | None = None, num_inference_steps: int | None = None,
              guidance_scale: float | None = None, resolution: int | None = None, batch_size: int = 8,
              max_prompts: int | None = None, device: str | None = None, dtype: str | torch.dtype = "fp32",
-             verbose: bool = True, baseline_cache: str | Path | bool = True) -> dict:
+             verbose: bool = True, baseline_cache: str | Path | bool = True, processes=None) -> dict:
     """Generate `num_images` per prompt with `model` (plus `lora`) and `baseline`, same seeds,
     score with `rewards`, write eval.json + scores.jsonl + grid.png to `output_dir`, return the
     eval.json dict. `model`/`baseline` are names, paths or loaded pipelines; baseline None means
@@ -332,7 +395,14 @@ def evaluate(model: Any, baseline: Any, prompts: list[str] | str, rewards: Any, 
     `rewards` is a reward spec ('toy-reward,toy-judge') or a list of specs, Rewards and callables.
     Sampler settings not given come from the model folder's diffalign.json (else the baseline's),
     else the pipeline's defaults.
-    `baseline_cache`: True (the default folder), a folder, or False (always draw the baseline)."""
+    `baseline_cache`: True (the default folder), a folder, or False (always draw the baseline).
+    `processes` (diffalign.processes, from `accelerate launch`): every process draws and scores
+    its share of the batches, each on its own device; all of them get every image and score, and
+    the main process writes the files, the same as one process would."""
+    from diffalign.processes import Processes
+
+    procs = processes or Processes()
+    verbose = verbose and procs.main
     if num_images < 1:
         raise DiffalignError(f"--num-images {num_images}: generate at least one image per prompt")
     if baseline is None and lora is None:
@@ -348,7 +418,7 @@ def evaluate(model: Any, baseline: Any, prompts: list[str] | str, rewards: Any, 
         prompt_list = prompt_list[:max_prompts]
     if not prompt_list:
         raise DiffalignError("no prompts to evaluate: pass --prompts toy or a non-empty prompt file")
-    torch_device = default_device(device)
+    torch_device = default_device(device) if device is not None or procs.device is None else procs.device
     torch_dtype = parse_dtype(dtype)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -380,14 +450,14 @@ def evaluate(model: Any, baseline: Any, prompts: list[str] | str, rewards: Any, 
     base_pipe = None
     if baseline_images is None:
         base_pipe = open_pipeline(base_model, torch_device, torch_dtype)
-        baseline_images = generate(base_pipe, all_prompts, seeds, batch_size, call_kwargs, "baseline")
-        if cache_file and write_cached_baseline(cache_file, baseline_images) and verbose:
+        baseline_images = generate_shared(base_pipe, all_prompts, seeds, batch_size, call_kwargs, "baseline", procs)
+        if cache_file and procs.main and write_cached_baseline(cache_file, baseline_images) and verbose:
             print(f"baseline images kept in {cache_file} ({baseline_images.numel() / 2**20:.1f} MiB) for the next eval")
     model_pipe = base_pipe if baseline is None and base_pipe is not None else open_pipeline(model, torch_device, torch_dtype)
     del base_pipe
     if lora is not None:
         load_lora(model_pipe, lora)
-    model_images = generate(model_pipe, all_prompts, seeds, batch_size, call_kwargs, "model")
+    model_images = generate_shared(model_pipe, all_prompts, seeds, batch_size, call_kwargs, "model", procs)
     del model_pipe
 
     results: dict[str, Any] = {
@@ -407,16 +477,23 @@ def evaluate(model: Any, baseline: Any, prompts: list[str] | str, rewards: Any, 
     }
     per_image: dict[str, dict[str, list[float]]] = {}
     for name, reward in load_rewards(reward_items, torch_device).items():
-        m = score(reward, model_images, all_prompts, batch_size, torch_device)
-        b = score(reward, baseline_images, all_prompts, batch_size, torch_device)
+        m = score_shared(reward, model_images, all_prompts, batch_size, torch_device, procs)
+        b = score_shared(reward, baseline_images, all_prompts, batch_size, torch_device, procs)
         results["rewards"][name] = summarise(m, b, prompt_ids, seed=seed)
         per_image[name] = {"model": m, "baseline": b}
 
-    atomic_write_text(out / "eval.json", json.dumps(results, indent=2) + "\n")
+    if not procs.main:  # every process holds the results; the main process writes them
+        return results
     rows = [{"prompt": prompt, "seed": s, **{n: {k: v[i] for k, v in d.items()} for n, d in per_image.items()}}
             for i, (prompt, s) in enumerate(zip(all_prompts, seeds))]
-    atomic_write_text(out / "scores.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
-    write_grid(out / "grid.png", baseline_images, model_images, num_images)
+    from diffalign.plots import png_bytes
+
+    first = next(iter(per_image), None)  # the grid shows the first reward's scores
+    grid = grid_sheet(baseline_images, model_images, num_images, prompts=prompt_list, scores=per_image.get(first),
+                      reward_name=first)
+    write_files(out, {"eval.json": (json.dumps(results, indent=2) + "\n").encode(),
+                      "scores.jsonl": "".join(json.dumps(row) + "\n" for row in rows).encode(),
+                      "grid.png": png_bytes(grid)}, "the evaluation file")
     if verbose:
         print(format_table(results))
         print(f"wrote {out / 'eval.json'}, {out / 'scores.jsonl'} and {out / 'grid.png'}")
@@ -448,9 +525,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from diffalign.processes import launched
+
     evaluate(args.model, args.baseline, args.prompts, args.reward, args.num_images, args.seed, args.output_dir,
              lora=args.lora, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
              resolution=args.resolution,
              batch_size=args.batch_size, max_prompts=args.max_prompts, device=args.device, dtype=args.dtype,
-             baseline_cache=False if args.no_baseline_cache else (args.baseline_cache or True))
+             baseline_cache=False if args.no_baseline_cache else (args.baseline_cache or True),
+             processes=launched())
     return 0

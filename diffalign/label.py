@@ -13,6 +13,8 @@ For every prompt: generate K images (image k of prompt p always uses the same se
     D/pairs.parquet           Pick-a-Pic v2 schema: caption, jpg_0 (winner), jpg_1, label_0, label_1
     D/run.json, D/stats.json  the settings (checked on resume) and the timing of the last run
                               (images/s over generation + scoring + writing, and the rewards' share)
+    D/samples.png             the first prompts' images, best first, every reward's score under each,
+                              the chosen image of each pair framed green and the rejected one red
 
 Rewards (`--reward NAME[@PATH][=WEIGHT],...`, diffalign.edges): names from diffalign.rewards
 (built-in, or added from Python with `diffalign.rewards.register_reward`), or "module:function"
@@ -35,6 +37,11 @@ Resuming: a prompt is done once its row file exists (written after its images, b
 rerun with the same flags skips done prompts and regenerates unfinished batches whole, so the
 batches, and therefore the pixels, are the same as in an uninterrupted run; ranked.jsonl and
 pairs.parquet are rebuilt from the row files at the end. Nothing is duplicated or lost.
+
+Many processes: `accelerate launch [--config_file ...] -m diffalign.cli label ...` deals the
+generation chunks to the processes in turn (each on its own device); each writes the images and
+rows of its chunks, and the main process writes ranked.jsonl, pairs.parquet and stats.json: the
+same dataset as one process. A run may be resumed with another number of processes.
 
 Dual captions (DCPO): `--captions caption|perturb|hybrid` adds caption_0/caption_1 to the pairs
 (see diffalign/captions.py for the strategies and `diffalign captions` for existing data).
@@ -168,7 +175,6 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], cfg: LabelConfig
     """One image per (prompt, seed), as uint8 (N, H, W, 3) numpy; each image has its own CPU
     generator, so it depends only on its seed (and the batch it is made in)."""
     import numpy as np
-    import torch
 
     from diffalign.sampler import generate
 
@@ -291,6 +297,38 @@ def pair_records(out: Path, rows: list[dict[str, Any]], cfg: LabelConfig) -> lis
     return records
 
 
+SAMPLE_PROMPTS = 4  # prompts samples.png shows
+SAMPLE_IMAGES = 8  # images a prompt it shows, best first
+
+
+def write_sample_sheet(out: Path, rows: list[dict[str, Any]], cfg: LabelConfig) -> Path | None:
+    """OUT/samples.png: the first few prompts, a row each, their images best first with every
+    reward's score and the rank score (psi) under each, the chosen image of each pair framed green
+    and the rejected one red, so a person can check the labels by eye."""
+    from diffalign.plots import Tile, save_image_sheet
+
+    shown = rows[:SAMPLE_PROMPTS]
+    if not shown:
+        return None
+    k = min(SAMPLE_IMAGES, max(len(row["images"]) for row in shown))
+    sheet, titles = [], []
+    for row in shown:
+        pairs = select_pairs(row.get("weighted_scores", row["scores"]), cfg.pairs, cfg.margin)
+        chosen, rejected = {w for w, _ in pairs}, {l for _, l in pairs}
+        tiles = []
+        for i, file in enumerate(row["images"][:k]):
+            mark = "chosen" if i in chosen and i not in rejected else "rejected" if i in rejected and i not in chosen else None
+            caption = [f"{name} {values[i]:.3f}" for name, values in row["rewards"].items()]
+            caption.append(f"rank {row['ranks'][i]}, psi {row['scores'][i]:.2f}"
+                           + {"chosen": "  chosen", "rejected": "  rejected"}.get(mark, "  chosen+rejected" if i in chosen else ""))
+            tiles.append(Tile(out / file, caption, mark))
+        sheet.append(tiles)
+        titles.append(f"{row['index'] + 1}. {row['prompt']} ({len(pairs)} pair{'s' * (len(pairs) != 1)})")
+    title = (f"samples: {len(shown)} of {len(rows)} prompts, images best first (--rank-by {cfg.rank_by}); "
+             f"--pairs {cfg.pairs}: chosen framed green, rejected red")
+    return save_image_sheet(out / "samples.png", sheet, what="the sample sheet", row_titles=titles, title=title)
+
+
 def write_pairs(out: Path, records: list[dict[str, Any]]) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -339,29 +377,47 @@ def validate(cfg: LabelConfig) -> None:
         raise DiffalignError(f"--captions {cfg.captions} needs a captioning model: pass --captioner HUB_ID_OR_PATH")
 
 
-def label(cfg: LabelConfig, pipe=None) -> dict[str, Any]:
-    """Run (or resume) a labelling job; returns the paths and the timing. `pipe` overrides cfg.model."""
+def label(cfg: LabelConfig, pipe=None, processes=None) -> dict[str, Any]:
+    """Run (or resume) a labelling job; returns the paths and the timing. `pipe` overrides cfg.model.
+
+    `processes` (diffalign.processes, from `accelerate launch`): generation chunks are dealt to
+    the processes in turn, each generates, scores and writes the rows of its own chunks, and
+    the main process writes ranked.jsonl, pairs.parquet and stats.json from all the rows, the
+    same files as one process (the chunks, and so the pixels, do not depend on who draws them)."""
     from tqdm.auto import tqdm
 
+    from diffalign.processes import Processes
+
+    procs = processes or Processes()
     validate(cfg)
     prompts = read_prompts(cfg.prompts)
     out = Path(cfg.output_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "rows").mkdir(exist_ok=True)
     _check_run(out, cfg)
-    todo = [c for c in chunks(len(prompts), cfg.num_images, cfg.batch_size) if not all(_row_path(out, p).exists() for p in c)]
+    todo = [c for i, c in enumerate(chunks(len(prompts), cfg.num_images, cfg.batch_size))
+            if procs.owns(i) and not all(_row_path(out, p).exists() for p in c)]
     timing = {"generate": 0.0, "reward": 0.0}
     made, wall = 0, 0.0
+    device = cfg.device or (str(procs.device) if procs.device is not None else None)
     if todo:
         if pipe is None:
-            pipe = load_pipeline(cfg.model, parse_dtype(cfg.dtype), device=default_device(cfg.device))
-        rewards, weights = load_rewards(cfg.rewards, cfg.device), reward_weights(cfg)
+            pipe = load_pipeline(cfg.model, parse_dtype(cfg.dtype), device=default_device(device))
+        rewards, weights = load_rewards(cfg.rewards, device), reward_weights(cfg)
         wall_start = time.perf_counter()
-        with tqdm(total=sum(len(c) for c in todo), desc="label", unit="prompt") as bar:
+        with tqdm(total=sum(len(c) for c in todo), desc="label", unit="prompt", disable=not procs.main) as bar:
             for chunk in todo:
                 made += label_chunk(pipe, rewards, prompts, chunk, cfg, out, timing, weights)
                 bar.update(len(chunk))
         wall = time.perf_counter() - wall_start  # generation, scoring and writing rows; not model loading
+    # Every process's count and timing; the processes ran at the same time, so the wall is the longest.
+    parts = procs.gather((made, timing, wall))
+    made = sum(m for m, _, _ in parts)
+    timing = {key: sum(t[key] for _, t, _ in parts) for key in timing}
+    wall = max(w for _, _, w in parts)
+    busy = sum(w for _, _, w in parts)
+    if not procs.main:
+        return {"prompts_labelled": made, "main_process": False}
     rows = read_rows(out)
     ranked = write_ranked(out, rows)
     records = pair_records(out, rows, cfg)
@@ -372,14 +428,17 @@ def label(cfg: LabelConfig, pipe=None) -> dict[str, Any]:
                                 seed=cfg.seed, device=cfg.device, strength=cfg.perturb_strength,
                                 caption_prompt=cfg.caption_prompt)
     pairs = write_pairs(out, records)
+    write_sample_sheet(out, rows, cfg)
     stats = {
         "prompts_labelled": made,
         "images": made * cfg.num_images,
+        "processes": procs.world,
+        "prompts_per_process": [m for m, _, _ in parts],
         "seconds_generate": timing["generate"],
         "seconds_reward": timing["reward"],
         "seconds_wall": wall,
         "images_per_second": made * cfg.num_images / wall if made else None,
-        "reward_share": timing["reward"] / wall if made else None,
+        "reward_share": timing["reward"] / busy if made else None,
         "rows": len(rows),
         "num_pairs": len(records),
     }
@@ -432,7 +491,11 @@ def config_from_args(args: argparse.Namespace) -> LabelConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = label(config_from_args(args))
+    from diffalign.processes import launched
+
+    result = label(config_from_args(args), processes=launched())
+    if not result.get("main_process", True):  # under accelerate launch the main process reports
+        return 0
     rate = result["images_per_second"]
     speed = f", {rate:.2f} images/s, rewards {100 * result['reward_share']:.0f}% of the time" if rate else ""
     print(f"labelled {result['prompts_labelled']} new prompts ({result['rows']} in all{speed})")

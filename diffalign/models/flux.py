@@ -89,13 +89,16 @@ class FluxAdapter:
     # Copied from diffalign.models.sd.SDAdapter.device
     @property
     def device(self) -> torch.device:
-        return self.denoiser.device
+        """The denoiser's first weight's device (diffusers' `ModelMixin.device` walks every
+        submodule for offloading hooks: a millisecond a call, several calls a training step)."""
+        return next(self.denoiser.parameters()).device
 
     # Copied from diffalign.models.sd.SDAdapter.dtype
     @property
     def dtype(self) -> torch.dtype:
-        """The denoiser's weight dtype, read live: inputs follow a later cast (full fine-tuning in fp32)."""
-        return self.denoiser.dtype
+        """The denoiser's weight dtype, read live: inputs follow a later cast (full fine-tuning in fp32).
+        The first weight's, as diffusers' `ModelMixin.dtype` finds it, without its walk over every submodule."""
+        return next(self.denoiser.parameters()).dtype
 
     # ------------------------------------------------------------------ training
 
