@@ -38,6 +38,7 @@ REWARDS: dict[str, Any] = {
     "vpscore": "diffalign.rewards.vpscore:VPScoreReward.from_pretrained",
     "clip": "diffalign.rewards.clip:CLIPScoreReward.from_pretrained",
     "videoreward": "diffalign.rewards.videoreward:VideoRewardReward.from_pretrained",
+    "spm": "diffalign.rewards.spm:SPMReward.from_pretrained",
     "toy-reward": "diffalign.rewards.toy:toy_reward",
     "toy-judge": "diffalign.rewards.toy:toy_judge",
 }

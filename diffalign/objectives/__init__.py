@@ -25,7 +25,8 @@ from diffalign.errors import DiffalignError
 #   pairs            winner/loser pairs (K = 2, ties dropped), every image on the group's prompt
 #   ranked           ranked lists of K >= 2 images with their scores, ties kept
 #   captioned-pairs  pairs where each image is conditioned on its own caption (caption_0/caption_1)
-DATA_KINDS = ("pairs", "ranked", "captioned-pairs")
+#   prompts          prompts only: an online method samples and judges its own pairs (diffalign/online.py)
+DATA_KINDS = ("pairs", "ranked", "captioned-pairs", "prompts")
 
 # CLI name -> module. Literal, so `grep` finds every method.
 OBJECTIVES = {
@@ -35,6 +36,7 @@ OBJECTIVES = {
     "sft": "diffalign.objectives.sft",
     "rankdpo": "diffalign.objectives.rankdpo",
     "dcpo": "diffalign.objectives.dcpo",
+    "spo": "diffalign.objectives.spo",
 }
 
 
