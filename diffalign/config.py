@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,24 @@ class TrainConfig:
     """The objective's beta (None: its per-family default, see docs/objectives.md)."""
     objective: dict = field(default_factory=dict)
     """Extra objective options as KEY=VALUE, e.g. --objective loss_type=hinge (YAML: objective: {loss_type: hinge})."""
+    prompts: str | None = None
+    """Online methods (spo): the prompts to sample from, a .txt/.jsonl/.json file or 'toy' (the toy
+    training prompts); they replace --dataset. Rollouts use num_inference_steps and guidance_scale."""
+    reward: str | None = None
+    """Online methods: the reward that judges the candidates, NAME[@PATH][=WEIGHT],... (spm scores at
+    the step's t; any other image reward scores the decoded predicted x0 and ignores t)."""
+    num_candidates: int = 4
+    """Online methods: candidates x_{t-1} drawn from the same x_t at each branching step (SPO: 4 SD1.5, 2 SDXL)."""
+    divert_start_step: int = 4
+    """Online methods: the sampling step from which candidates branch (steps before it sample one chain)."""
+    pair_threshold: float = 0.3
+    """SPO: keep a best/worst pair only if softmax(best, worst) differ by more than this (0.3 SD1.5, 0.4 SDXL)."""
+    sampler_eta: float = 1.0
+    """Online methods on DDPM-family models: DDIM eta of the rollouts (> 0: stochastic, with a log-prob)."""
+    sampler_noise_level: float = 0.7
+    """Online methods on flow models: noise level of the flow SDE step (> 0; Flow-GRPO's 0.7)."""
+    rollout_prompts: int = 2
+    """Online methods: prompts each process samples per rollout; the pairs of all processes are pooled."""
 
     # --- model ---
     lora_rank: int = 8
@@ -52,6 +71,17 @@ class TrainConfig:
     """auto | xformers | sdpa. auto takes xformers on CUDA when it imports, else SDPA."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    compile: bool = False
+    """torch.compile the denoiser: the first steps wait for the compiler (tens of seconds to minutes),
+    later ones may run faster on a GPU; on the CPU it did not pay for the toy models (docs/benchmarks.md)."""
+    channels_last: bool = False
+    """UNets only: keep the denoiser's weights in channels_last memory format, which GPU convolution
+    kernels (fp16/bf16) prefer; on the CPU it did not pay for the toy models (docs/benchmarks.md)."""
+    fused_optimizer: bool = True
+    """CUDA only: AdamW's fused kernel (one launch for every trainable tensor); the CPU ignores it."""
+    tf32: bool = False
+    """CUDA on Ampere or newer only: fp32 matmuls and convolutions in TF32 (faster, 10-bit mantissa
+    products); the CPU and older GPUs ignore it."""
 
     # --- data ---
     resolution: int | None = None
@@ -73,8 +103,10 @@ class TrainConfig:
     """Train from a latent + text-embedding cache (built on first use); no VAE/text encoder in the loop."""
     cache_dir: str | None = None
     """Where the cache lives (None: OUTPUT/latent-cache); a sub-folder per model, resolution and data."""
-    num_workers: int = 0
-    """DataLoader worker processes."""
+    num_workers: int | None = None
+    """DataLoader worker processes (None: decode images in workers when this process has CPU cores
+    its training does not use and an epoch holds at least 32 batches; the latent cache and streams
+    read in the training process)."""
     split: str = "train"
     """Split to read from a hub id or a save_to_disk DatasetDict (local parquet: all files)."""
     drop_ties: bool | None = None
@@ -158,9 +190,7 @@ def config_fields() -> list[dataclasses.Field]:
 
 def _field_doc(name: str) -> str:
     """The docstring under a field in the class source (used as the CLI help)."""
-    import inspect
-
-    lines = inspect.getsource(TrainConfig).splitlines()
+    lines = _config_source_lines()
     for i, line in enumerate(lines):
         if line.strip().startswith(f"{name}:") and i + 1 < len(lines) and lines[i + 1].strip().startswith('"""'):
             doc = [lines[i + 1].strip()[3:]]
@@ -170,6 +200,14 @@ def _field_doc(name: str) -> str:
                 doc.append(lines[j].strip())
             return " ".join(doc)[: -3].strip()
     return ""
+
+
+@functools.lru_cache(maxsize=1)
+def _config_source_lines() -> list[str]:
+    """TrainConfig's source, read once: `inspect.getsource` a field costs ~10 ms, 0.7 s for them all."""
+    import inspect
+
+    return inspect.getsource(TrainConfig).splitlines()
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -319,6 +357,9 @@ def validate(cfg: TrainConfig) -> None:
         raise DiffalignError(f"{cfg.method} trains on pairs, not groups of {cfg.group_size}: unset --group-size "
                              "(only rankdpo takes ranked lists)")
     check_hparams(cfg.method, {**cfg.objective, **({"beta": cfg.beta} if cfg.beta is not None else {})})
+    from diffalign.online import check_online_config  # online methods read prompts, not a dataset
+
+    check_online_config(cfg, objective)
     if cfg.eval_prompts:  # found now, not after training and the base model's images
         from diffalign.edges import parse_reward_specs, read_prompts
 

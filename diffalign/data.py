@@ -376,16 +376,24 @@ def _load_hf(cfg: DataConfig, kind: str, streaming: bool):
 
 
 def _check_parquet_rows(name: str, files: list[str]) -> None:
-    """An unreadable or empty parquet fails in one line (datasets would raise a long traceback)."""
+    """An unreadable or empty parquet, or a folder of files with different columns, fails in one
+    line (datasets would raise a long traceback)."""
     import pyarrow.parquet as pq
 
-    rows = 0
+    rows, columns = 0, {}
     for f in files:
         try:
-            rows += pq.read_metadata(f).num_rows
+            meta = pq.read_metadata(f)
         except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ...
             raise DiffalignError(f"{f} is not a readable parquet file ({str(err).splitlines()[0][:120]}): "
                                  "rewrite it, or pass another --dataset") from None
+        rows += meta.num_rows
+        columns[f] = sorted(meta.schema.to_arrow_schema().names)
+    layouts = {tuple(c) for c in columns.values()}
+    if len(layouts) > 1:
+        first, other = (next(f for f, c in columns.items() if tuple(c) == layout) for layout in list(layouts)[:2])
+        raise DiffalignError(f"the parquet files of {name!r} differ in their columns ({Path(first).name} and "
+                             f"{Path(other).name}): pass one of the files, or a folder of files with one layout")
     if rows == 0:
         raise DiffalignError(f"dataset {name!r} has no rows: pass a parquet file with preference data "
                              "(docs/datasets.md)")

@@ -15,7 +15,9 @@ One spelling per concept, one implementation per edge, so `train`, `eval`, `labe
   `(images (B, 3, H, W) in [0, 1], prompts) -> Tensor[B]`. PATH points a reward at local
   weights. WEIGHT counts where rewards are summed (reno, `label --rank-by weighted`); commands
   that report each reward on its own keep it in their records only.
-- `atomic_write_bytes` / `atomic_write_text`: a reader never sees half a file.
+- `atomic_write_bytes` / `atomic_write_text`: a reader never sees half a file; new files take the
+  user's umask (`apply_umask` for writers that do not); `write_files`: a command's outputs, with a
+  one-line error on a full disk.
 
 Every check here raises a one-line `DiffalignError` naming the fix, and runs before any model
 loads: commands parse their specs, dtypes and prompts first.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import math
 import os
 import re
 import warnings
@@ -361,3 +364,43 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """`atomic_write_bytes` for UTF-8 text."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def file_mode() -> int:
+    """The mode the user's umask gives a new file (0o644 under the usual umask 022)."""
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def apply_umask(path: str | Path) -> Path:
+    """Give a file the user's umask mode: writers that go through `tempfile` (safetensors' atomic
+    save) leave 0600, readable by the owner only."""
+    os.chmod(path, file_mode())
+    return Path(path)
+
+
+def size_text(nbytes: int) -> str:
+    """Bytes as a person reads them: 340 KiB, 12.5 MiB, 3.2 GiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{max(1, math.ceil(nbytes / 2**10))} KiB"
+
+
+def write_files(folder: str | Path, files: dict[str, bytes], what: str) -> list[Path]:
+    """Write `files` ({name: bytes}) into `folder`, each atomically. A full disk or any other
+    OSError ends in one line naming the file, what was written and the space the rest needs;
+    no partial file stays behind."""
+    folder, written = Path(folder), []
+    for name, data in files.items():
+        try:
+            written.append(atomic_write_bytes(folder / name, data))
+        except OSError as err:
+            rest = [n for n in files if folder / n not in written]
+            kept = f"written: {', '.join(p.name for p in written)}" if written else "none of them was written"
+            raise DiffalignError(
+                f"could not write {what} {folder / name} ({err.strerror or err}); {kept}; the rest ({', '.join(rest)}) "
+                f"needs {size_text(sum(len(files[n]) for n in rest))}: free space or choose another --output-dir"
+            ) from None
+    return written

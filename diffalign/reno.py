@@ -35,11 +35,14 @@ import torch
 from torch import Tensor
 
 from diffalign.edges import (default_device, load_pipeline, load_rewards, parse_dtype, parse_reward_specs,
-                             read_prompts)
+                             read_prompts, sampling_defaults)
 from diffalign.errors import DiffalignError
 
 # The paper's reward mix (ReNO arguments.py); the registry names map to the same models.
 DEFAULT_REWARDS = {"hpsv2.1": 5.0, "imagereward": 1.0, "pickscore": 0.05, "clip": 0.01}
+# The generator's settings when neither the command line nor the model folder's diffalign.json
+# gives them: ReNO's one-step models (SD-Turbo, SDXL-Turbo, ...) run one step without guidance.
+RENO_SAMPLING = {"num_inference_steps": 1, "guidance_scale": 0.0}
 OPTIMIZERS = ("sgd", "adam")
 
 RewardFn = Callable[[Tensor, list], Tensor]  # (images (B,3,H,W) in [0,1], prompts) -> (B,)
@@ -293,8 +296,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grad-clip", type=float, default=0.1, help="0 turns clipping off")
     parser.add_argument("--reg-weight", type=float, default=0.01, help="0 turns the norm regulariser off")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-inference-steps", type=int, default=1, help="sampler steps of the generator (1-4)")
-    parser.add_argument("--guidance-scale", type=float, default=0.0)
+    parser.add_argument("--num-inference-steps", type=int, default=None,
+                        help="sampler steps of the generator (default: the model folder's diffalign.json, e.g. toy-sd's "
+                        f"20, else {RENO_SAMPLING['num_inference_steps']}, for one-step models such as SD-Turbo)")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="classifier-free guidance (default: the model folder's diffalign.json, else "
+                        f"{RENO_SAMPLING['guidance_scale']:g}, as one-step models use)")
     parser.add_argument("--timesteps", help="comma-separated custom timesteps (PixArt-DMD: 400, Hyper-SD: 800)")
     parser.add_argument("--resolution", type=int, default=None, help="image height = width (default: the pipeline's)")
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
@@ -303,11 +310,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", type=Path, required=True)
 
 
+def generator_settings(model: Any, num_inference_steps: int | None, guidance_scale: float | None) -> dict:
+    """Steps and guidance of the generator: the flags, else the model folder's diffalign.json (a
+    many-step model such as toy-sd: its own 20 steps, not one step of them, which leaves noise),
+    else ReNO's one-step defaults."""
+    settings = {**RENO_SAMPLING, **sampling_defaults(model)}
+    if num_inference_steps is not None:
+        settings["num_inference_steps"] = num_inference_steps
+    if guidance_scale is not None:
+        settings["guidance_scale"] = guidance_scale
+    if settings["num_inference_steps"] < 1:
+        raise DiffalignError(f"--num-inference-steps {settings['num_inference_steps']}: use at least 1 step "
+                             "(one-step models: 1; others: their own count, e.g. 20 for toy-sd)")
+    return settings
+
+
 def run(args: argparse.Namespace) -> int:
     prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
     if not prompts:
         raise DiffalignError("no prompt given: pass --prompt TEXT or --prompts FILE")
     check_reward_names(args.reward)
+    sampling = generator_settings(args.model, args.num_inference_steps, args.guidance_scale)
+    args.num_inference_steps, args.guidance_scale = sampling["num_inference_steps"], sampling["guidance_scale"]
+    print(f"diffalign reno: {args.num_inference_steps} sampler steps, guidance {args.guidance_scale:g}")
     device = default_device(args.device)
     dtype = parse_dtype(args.dtype if args.dtype != "auto" else ("fp16" if device.type == "cuda" else "fp32"))
     reward_dtype = parse_dtype(args.reward_dtype) if args.reward_dtype else None

@@ -16,11 +16,12 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import torch
-
 from diffalign.config import TrainConfig, add_config_arguments, load_yaml, merge, resolve_config, save_config, validate
 from diffalign.errors import DiffalignError
+from diffalign.lazy import lazy
 from diffalign.objectives import get_objective, resolve_hparams
+
+torch = lazy("torch")  # loads when training starts: argument errors report before torch's import (seconds)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -63,12 +64,13 @@ def quickstart_base(args) -> TrainConfig | None:
     user = load_yaml(args.config) if getattr(args, "config", None) else {}
     model = getattr(args, "model", None) or user.get("model")
     dataset = getattr(args, "dataset", None) or user.get("dataset")
+    dataset = dataset or getattr(args, "prompts", None) or user.get("prompts")  # online methods read prompts
     if model and dataset:
         return None
     if dataset or (model and model not in QUICKSTART_MODELS):
         missing = "--dataset" if model else "--model"
         raise DiffalignError(
-            f"{missing} is missing: give both --model and --dataset, or neither (or only a toy model: "
+            f"{missing} is missing: give both --model and --dataset (--prompts for --method spo), or neither (or only a toy model: "
             f"{', '.join(QUICKSTART_MODELS)}) to run the toy quickstart"
         )
     method = getattr(args, "method", None) or user.get("method") or "dpo"
@@ -156,7 +158,8 @@ def check_output_dir(path: str) -> Path:
 def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(
-            params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon
+            params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon,
+            **({"fused": True} if use_fused_adamw(cfg, params) else {}),
         )
     if cfg.optimizer == "adamw8bit":
         try:
@@ -193,14 +196,36 @@ def weight_dtype_for(cfg: TrainConfig) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
 
 
+def use_fused_adamw(cfg: TrainConfig, params) -> bool:
+    """AdamW's fused kernel: asked for, and every trainable tensor on CUDA (the CPU has no gain)."""
+    return cfg.fused_optimizer and bool(params) and all(p.device.type == "cuda" for p in params)
+
+
+def set_tf32(cfg: TrainConfig, device) -> bool:
+    """TF32 matmuls and convolutions for fp32 work on an Ampere or newer GPU, when asked; True when on."""
+    if not (cfg.tf32 and torch.device(device).type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8):
+        return False
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls
+    torch.backends.cudnn.allow_tf32 = True  # and convolutions
+    return True
+
+
 def setup_denoiser(cfg: TrainConfig, adapter, needs_ref: bool):
-    """Make the denoiser trainable (LoRA or full) and return (params, reference factory)."""
+    """Make the denoiser trainable (LoRA or full) and return (params, reference factory).
+
+    Speed options: `channels_last` (convolution weights in channels_last, before a frozen
+    reference copy is taken, so both run alike), `tf32` (set_tf32), `compile` (the denoiser's
+    own forward compiled in place, `nn.Module.compile`: names, checkpoints and the LoRA reference
+    stay as they are; the reference pass, with LoRA off, compiles its own graph once)."""
     from functools import partial
 
     from diffalign.models.lora import add_lora, frozen_copy, reference
 
     denoiser = adapter.denoiser
     denoiser.requires_grad_(False)
+    if cfg.channels_last:
+        denoiser.to(memory_format=torch.channels_last)
+    set_tf32(cfg, adapter.device)
     ref = None
     if cfg.full_finetune:
         denoiser.to(torch.float32)
@@ -218,8 +243,52 @@ def setup_denoiser(cfg: TrainConfig, adapter, needs_ref: bool):
     if cfg.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     denoiser.train()
+    if cfg.compile:
+        denoiser.compile()
     params = [p for p in denoiser.parameters() if p.requires_grad]
     return params, ref
+
+
+# Text encodings a run may keep across steps (PromptMemo): ample for any prompt set that repeats
+# (SD1.5: 4,500 prompts; the toy data: all of it many times over), small beside the models.
+PROMPT_MEMO_BYTES = 1 << 30
+
+
+class PromptMemo:
+    """`adapter.encode_prompts` that keeps each text's encoding for the next time it comes.
+
+    Each new text is encoded alone, so its encoding depends on the text only, not on the batch
+    that met it first: a resumed run reads the numbers an uninterrupted one would. Encodings
+    are kept while they fit in `max_bytes`; texts beyond that are encoded (alone) each time."""
+
+    def __init__(self, encode, max_bytes: int = PROMPT_MEMO_BYTES):
+        self.encode, self.max_bytes = encode, max_bytes
+        self.table: dict[str, dict[str, torch.Tensor]] = {}
+        self.bytes = 0
+
+    def __call__(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        rows = []
+        for text in prompts:
+            row = self.table.get(text)
+            if row is None:
+                row = self.encode([text])
+                size = sum(v.numel() * v.element_size() for v in row.values())
+                if self.bytes + size <= self.max_bytes:
+                    self.table[text], self.bytes = row, self.bytes + size
+            rows.append(row)
+        return {key: torch.cat([row[key] for row in rows]) for key in rows[0]}
+
+
+def remember_prompts(cfg: TrainConfig, adapter, dataset, processes: int) -> bool:
+    """Keep text encodings across steps (PromptMemo) when the run reads its data more than once:
+    a map-style dataset smaller than the groups the run trains on. The latent cache holds its own
+    encodings, and a stream is not known to repeat. True when the memo is on."""
+    if cfg.cache_latents or not hasattr(dataset, "__len__"):
+        return False
+    if cfg.max_steps * cfg.grad_accum * cfg.batch_size * processes <= len(dataset):
+        return False
+    adapter.encode_prompts = PromptMemo(adapter.encode_prompts)
+    return True
 
 
 @dataclass
@@ -320,6 +389,10 @@ def train(cfg: TrainConfig, pipeline=None) -> dict:
     a resume only of the same run)."""
     from diffalign import checkpoint as ckpt
 
+    if get_objective(cfg.method).DATA == "prompts":  # online: the method samples and judges its own pairs
+        from diffalign.train_online import train_online
+
+        return train_online(cfg, pipeline)
     validate(cfg)
     cfg = replace(cfg, model=resolve_shipped(cfg.model), dataset=resolve_shipped(cfg.dataset))
     if cfg.resolution is None:
@@ -331,17 +404,11 @@ def train(cfg: TrainConfig, pipeline=None) -> dict:
         return run_training(cfg, out, resume_from, pipeline)
 
 
-def run_training(cfg: TrainConfig, out: Path, resume_from: Path | None, pipeline=None) -> dict:
-    """The loop itself, on a validated config and a folder this run holds."""
+def make_accelerator(cfg: TrainConfig, out: Path):
+    """The run's Accelerator, seeded, with its trackers started (offline and online loops alike)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
-    from diffalign import checkpoint as ckpt
-    from diffalign.models import load_adapter
-    from diffalign.models.lora import set_attention
-
-    objective = get_objective(cfg.method)
     accelerator = Accelerator(
         # Several processes and no GPU (e.g. `accelerate launch --multi_gpu --num_processes 2` on a
         # laptop): run them as a gloo process group on the CPU instead of failing on CUDA.
@@ -352,22 +419,41 @@ def run_training(cfg: TrainConfig, out: Path, resume_from: Path | None, pipeline
         project_dir=str(out),
     )
     set_seed(cfg.seed)
-    main = accelerator.is_main_process
     if cfg.report_to != "none":
-        accelerator.init_trackers("diffalign", config={k: v for k, v in asdict(cfg).items() if isinstance(v, (int, float, str, bool))})
+        scalars = {k: v for k, v in asdict(cfg).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("diffalign", config=scalars)
+    return accelerator
 
+
+def objective_hparams(cfg: TrainConfig, adapter) -> dict:
+    """The objective's options for this model: its defaults, the user's --objective, then --beta."""
+    overrides = dict(cfg.objective)
+    if cfg.beta is not None:
+        overrides["beta"] = cfg.beta
+    return resolve_hparams(cfg.method, adapter.prediction_type, overrides)
+
+
+def run_training(cfg: TrainConfig, out: Path, resume_from: Path | None, pipeline=None) -> dict:
+    """The loop itself, on a validated config and a folder this run holds."""
+    from tqdm.auto import tqdm
+
+    from diffalign import checkpoint as ckpt
+    from diffalign.models import load_adapter
+    from diffalign.models.lora import set_attention
+
+    objective = get_objective(cfg.method)
+    accelerator = make_accelerator(cfg, out)
+    main = accelerator.is_main_process
     adapter = load_adapter(pipeline if pipeline is not None else cfg.model, device=accelerator.device,
                            dtype=weight_dtype_for(cfg))
     if adapter.prediction_type == "flow":  # sigma ~ logit-normal(mean, std)
         adapter.logit_mean, adapter.logit_std = cfg.logit_mean, cfg.logit_std
-    overrides = dict(cfg.objective)
-    if cfg.beta is not None:
-        overrides["beta"] = cfg.beta
-    hparams = resolve_hparams(cfg.method, adapter.prediction_type, overrides)
+    hparams = objective_hparams(cfg, adapter)
     attention = set_attention(adapter.denoiser, cfg.attention)
 
     dataset = build_training_data(cfg, adapter, accelerator, objective)
     params, reference = setup_denoiser(cfg, adapter, objective.NEEDS_REF)
+    remember_prompts(cfg, adapter, dataset, accelerator.num_processes)
     lr = cfg.lr * (cfg.batch_size * cfg.grad_accum * accelerator.num_processes if cfg.scale_lr else 1)
     optimizer = build_optimizer(cfg, params)
     for group in optimizer.param_groups:
@@ -491,6 +577,7 @@ def run_training(cfg: TrainConfig, out: Path, resume_from: Path | None, pipeline
                 state["epoch"], state["consumed"] = state["epoch"] + 1, 0
     except DiffalignError as err:  # bad data under --strict, a non-finite loss, ...: keep the work done
         write_metrics()
+        progress.close()  # ends the bar's line: the error gets a line of its own
         raise DiffalignError(f"{err}; {keep_work(last_good, save, out)}") from None
     progress.close()
     stop.restore()
@@ -507,9 +594,12 @@ def run_training(cfg: TrainConfig, out: Path, resume_from: Path | None, pipeline
         if ema is not None:
             ema.copy_to(params)
         save_final_weights(cfg, adapter, accelerator.unwrap_model(denoiser), out)
-        plot_training_curves(out / "metrics.jsonl", out / "training_curves.png")
-        if cfg.eval_prompts:
-            result["eval"] = run_final_eval(cfg, out)
+        try:
+            plot_training_curves(out / "metrics.jsonl", out / "training_curves.png")
+            if cfg.eval_prompts:
+                result["eval"] = run_final_eval(cfg, out)
+        except DiffalignError as err:  # e.g. a full disk: the weights are written, say so
+            raise DiffalignError(f"{err} (training finished: the weights are in {out})") from None
         print(f"diffalign: done. Weights, metrics.jsonl, training_curves.png and config.yaml are in {out}")
         if "eval" in result:
             print(f"diffalign: evaluation (eval.json, before/after grid.png) is in {out / 'eval'}")
@@ -531,17 +621,43 @@ def make_loader(dataset, cfg: TrainConfig, state: dict, accelerator):
     if isinstance(dataset, IterableDataset):
         dataset.set_epoch(state["epoch"])
         dataset.skip(state["consumed"], batch_size=cfg.batch_size)
+        # A stream's order is exact only when one process reads it (its workers rotate it).
         return DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=collate_groups,
-                          num_workers=cfg.num_workers, drop_last=True)
+                          num_workers=cfg.num_workers or 0, drop_last=True)
     order = GroupOrder(len(dataset), cfg.seed, state["epoch"], accelerator.process_index,
                        accelerator.num_processes, cfg.batch_size, state["consumed"])
     if len(order) < cfg.batch_size:
         return None
     if hasattr(dataset, "set_epoch"):  # new augmentation draws each epoch
         dataset.set_epoch(state["epoch"])
+    workers = loader_workers(cfg, len(order) // cfg.batch_size, accelerator)
     return DataLoader(dataset, batch_size=cfg.batch_size, sampler=list(order), collate_fn=collate_groups,
-                      num_workers=cfg.num_workers, drop_last=True)
+                      num_workers=workers, drop_last=True, persistent_workers=False,
+                      prefetch_factor=4 if workers else None)
 
+
+# Workers start afresh each epoch (a fraction of a second): an epoch shorter than this many
+# batches decodes in the training process.
+AUTO_WORKERS_MIN_BATCHES = 32
+AUTO_WORKERS_MAX = 4
+
+
+def loader_workers(cfg: TrainConfig, batches: int, accelerator) -> int:
+    """`cfg.num_workers`, or with None: workers for the CPU cores this process's training leaves
+    idle (on the CPU, the cores beyond its torch threads; on a GPU, all but one), up to
+    AUTO_WORKERS_MAX, when the data is decoded (not the latent cache) and the epoch is long enough."""
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    if cfg.cache_latents or batches < AUTO_WORKERS_MIN_BATCHES:
+        return 0
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    mine = max(1, cores // max(1, local))
+    busy = torch.get_num_threads() if accelerator.device.type == "cpu" else 1
+    return max(0, min(AUTO_WORKERS_MAX, mine - busy))
 
 
 def data_config(cfg: TrainConfig):
@@ -598,10 +714,13 @@ def register_trainable_checkpointing(accelerator) -> None:
     """Checkpoints hold only the trainable weights (LoRA: megabytes, not the whole UNet)."""
     from safetensors.torch import load_file, save_file
 
+    from diffalign.edges import apply_umask
+
     def save_hook(models, weights, output_dir):
         for i, model in enumerate(models):
             trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
             save_file(trainable, str(Path(output_dir) / f"trainable_{i}.safetensors"))
+            apply_umask(Path(output_dir) / f"trainable_{i}.safetensors")  # safetensors leaves 0600
         weights.clear()  # accelerate would otherwise write every weight of the model
 
     def load_hook(models, input_dir):
@@ -731,18 +850,68 @@ def build_ema(cfg: TrainConfig, params):
 
 def save_final_weights(cfg: TrainConfig, adapter, denoiser, out: Path) -> None:
     """LoRA -> OUTPUT/pytorch_lora_weights.safetensors (pipe.load_lora_weights(OUTPUT));
-    full fine-tune -> the whole pipeline in OUTPUT (DiffusionPipeline.from_pretrained(OUTPUT))."""
-    if cfg.full_finetune:
-        adapter.pipe.save_pretrained(str(out), safe_serialization=True)
-    else:
-        from diffalign.models.lora import save_lora
+    full fine-tune -> the whole pipeline in OUTPUT (DiffusionPipeline.from_pretrained(OUTPUT)).
 
-        save_lora(denoiser, str(out), adapter.family)
+    Written through a temporary folder with the user's umask (`models.lora.publish`). A full disk
+    (any OSError, or the writers' own errors about writing) ends in one line naming the last
+    complete checkpoint and the space the weights need; no partial file stays behind."""
+    from diffalign.models.lora import publish, save_lora
+
+    try:
+        if cfg.full_finetune:
+            publish(out, lambda folder: adapter.pipe.save_pretrained(str(folder), safe_serialization=True) or folder)
+        else:
+            save_lora(denoiser, str(out), adapter.family)
+    except Exception as err:  # safetensors and torch report a failed write as their own error types
+        text = str(err).strip()
+        if not isinstance(err, OSError) and not any(w in text.lower() for w in ("writ", "space", "storage")):
+            raise
+        reason = getattr(err, "strerror", None) or (text.splitlines()[0][:120] if text else type(err).__name__)
+        raise DiffalignError(f"could not write the final weights to {out} ({reason}); {weights_kept(cfg, out)}: free at "
+                             f"least {final_weights_size(cfg, adapter, denoiser)} (the weights), then {rerun(cfg, out)}") from None
+
+
+def final_weights_size(cfg: TrainConfig, adapter, denoiser) -> str:
+    """What the final weights take on disk: the trainable tensors (LoRA), or every weight of the pipeline."""
+    from diffalign.edges import size_text
+
+    if cfg.full_finetune:
+        modules = [m for m in adapter.pipe.components.values() if isinstance(m, torch.nn.Module)]
+        tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+    else:
+        tensors = [p for p in denoiser.parameters() if p.requires_grad]
+    return size_text(sum(t.numel() * t.element_size() for t in tensors))
+
+
+def weights_kept(cfg: TrainConfig, out: Path) -> str:
+    from diffalign.checkpoint import list_checkpoints
+
+    found = list_checkpoints(out)
+    if found:
+        return f"the trained state is kept in the last complete checkpoint, {found[-1]}"
+    return "no checkpoint holds the trained state (--checkpoint-every 0)"
+
+
+def rerun(cfg: TrainConfig, out: Path) -> str:
+    from diffalign.checkpoint import list_checkpoints
+
+    if list_checkpoints(out):
+        return "run the same command with --resume latest (it writes the weights from the checkpoint)"
+    return "train again"
+
+
+VALIDATION_ROWS = 8  # validation steps a sheet shows: the latest ones
 
 
 def run_validation(cfg: TrainConfig, adapter, out: Path, step: int) -> None:
+    """Images of the validation prompts (same seeds every time) at this step, kept in
+    OUTPUT/validation/images/; OUTPUT/validation/step-<step>.png shows them beside the earlier
+    steps': a prompt a column, a step a row (the latest VALIDATION_ROWS), so a person sees the
+    model change."""
+    from PIL import Image
+
     from diffalign.edges import sampling_defaults
-    from diffalign.plots import save_image_grid
+    from diffalign.plots import Tile, save_image_sheet
     from diffalign.sampler import generate
 
     prompts = cfg.validation_prompts or ["a photo"]
@@ -754,11 +923,21 @@ def run_validation(cfg: TrainConfig, adapter, out: Path, step: int) -> None:
     if cfg.guidance_scale is not None:
         sampling["guidance_scale"] = cfg.guidance_scale
     seeds = [cfg.seed + i for i in range(len(prompts))]
-    batch = generate(pipe, prompts, seeds=seeds, height=cfg.resolution, width=cfg.resolution, **sampling)
-    images = list(batch.float().cpu())
+    adapter.denoiser.eval()
+    with torch.no_grad():
+        batch = generate(pipe, prompts, seeds=seeds, height=cfg.resolution, width=cfg.resolution, **sampling)
     adapter.denoiser.train()
-    (out / "validation").mkdir(exist_ok=True)
-    save_image_grid([images], out / "validation" / f"step-{step:06d}.png", row_labels=[f"step {step}"], col_labels=prompts)
+    folder = out / "validation"
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    pixels = (batch.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    for i, array in enumerate(pixels):
+        Image.fromarray(array).save(folder / "images" / f"step-{step:06d}-{i:02d}.png")
+    steps = sorted({int(f.name[5:11]) for f in (folder / "images").glob("step-*.png") if int(f.name[5:11]) <= step})
+    steps = steps[-VALIDATION_ROWS:]
+    rows = [[Tile(Image.open(f)) if (f := folder / "images" / f"step-{s:06d}-{i:02d}.png").is_file() else None
+             for i in range(len(prompts))] for s in steps]
+    save_image_sheet(folder / f"step-{step:06d}.png", rows, what="the validation sheet", row_titles=[f"step {s}" for s in steps],
+                     col_titles=prompts, title=f"validation images: one seed a prompt, the latest {len(steps)} validation steps")
 
 
 def plot_training_curves(metrics_path: Path, png_path: Path) -> None:

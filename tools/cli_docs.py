@@ -103,8 +103,10 @@ def render() -> str:
     ]
     for flag, (meaning, _) in VOCABULARY.items():
         users = [name for name, p in parsers.items() if flag in flags(p)]
-        users += [f"train ({TRAIN_EVAL_FLAGS[flag]})" for name, p in parsers.items()
-                  if name == "train" and flag in TRAIN_EVAL_FLAGS and TRAIN_EVAL_FLAGS[flag] in flags(p)]
+        twin = TRAIN_EVAL_FLAGS.get(flag)
+        if twin and twin in flags(parsers["train"]):  # train's end-of-training evaluation spells it eval_*
+            also = f"train (and {twin})" if "train" in users else f"train ({twin})"
+            users = [u for u in users if u != "train"] + [also]
         lines.append(f"| `{flag}` | {_cell(meaning)} | {', '.join(users)} |")
     lines += [
         "",

@@ -177,7 +177,35 @@ def save_lora(denoiser: nn.Module, out_dir: str | Path, family: str) -> Path:
         raise DiffalignError("save_lora: the denoiser has no LoRA adapter; save full weights with save_pretrained instead")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return saver(model, out, model.peft_config["default"].to_dict())
+    return publish(out, lambda folder: saver(model, folder, model.peft_config["default"].to_dict()))
+
+
+def publish(out: Path, write) -> Path:
+    """Run `write(folder)` into a temporary folder inside `out`, then move what it wrote into
+    `out` with the user's umask (safetensors' own atomic save leaves 0600). A failed write
+    (a full disk) removes the temporary folder, so `out` never holds half a weights file.
+    Returns `write`'s result, moved into `out`."""
+    import os
+    import shutil
+
+    from diffalign.edges import apply_umask
+
+    tmp = out / f".tmp-weights-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        result = Path(write(tmp))
+        for path in sorted(tmp.rglob("*")):
+            if path.is_file():
+                apply_umask(path)
+        for entry in sorted(tmp.iterdir()):
+            target = out / entry.name
+            if target.is_dir() and entry.is_dir():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out / result.relative_to(tmp)
 
 
 def save_peft_lora(model: nn.Module, out: Path) -> Path:

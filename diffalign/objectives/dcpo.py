@@ -18,10 +18,11 @@ assumption, carried over from Flow-DPO's setting.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
+from diffalign.lazy import lazy
 from diffalign.objectives.dpo import pair_logits, pair_metrics
+
+torch = lazy("torch")  # loads on first use: `diffalign train` checks its options before torch loads
+F = lazy("torch.nn.functional")
 
 NEEDS_REF = True
 DATA = "captioned-pairs"

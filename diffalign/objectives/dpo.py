@@ -18,8 +18,10 @@ with its beta_dpo = beta / 2.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from diffalign.lazy import lazy
+
+torch = lazy("torch")  # loads on first use: `diffalign train` checks its options before torch loads
+F = lazy("torch.nn.functional")
 
 NEEDS_REF = True
 DATA = "pairs"

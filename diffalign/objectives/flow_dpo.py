@@ -8,9 +8,10 @@ same 0.5 convention as diffalign with beta = 100.
 
 from __future__ import annotations
 
-import torch
-
+from diffalign.lazy import lazy
 from diffalign.objectives import dpo
+
+torch = lazy("torch")  # loads on first use: `diffalign train` checks its options before torch loads
 
 NEEDS_REF = True
 DATA = "pairs"

@@ -13,10 +13,11 @@ margin over the whole denoising process. Paper defaults: beta = 0.1, s = 0.5, lr
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
+from diffalign.lazy import lazy
 from diffalign.objectives.dpo import pair_metrics
+
+torch = lazy("torch")  # loads on first use: `diffalign train` checks its options before torch loads
+F = lazy("torch.nn.functional")
 
 NEEDS_REF = False
 DATA = "pairs"

@@ -38,11 +38,12 @@ toy ranked.parquet, whose labels are toy-reward scores). The two agree on single
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
 from diffalign.errors import DiffalignError
+from diffalign.lazy import lazy
 from diffalign.objectives.dpo import pair_metrics
+
+torch = lazy("torch")  # loads on first use: `diffalign train` checks its options before torch loads
+F = lazy("torch.nn.functional")
 
 NEEDS_REF = True
 DATA = "ranked"

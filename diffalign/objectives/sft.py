@@ -6,7 +6,9 @@ tables. No reference model.
 
 from __future__ import annotations
 
-import torch
+from diffalign.lazy import lazy
+
+torch = lazy("torch")  # loads on first use: `diffalign train` checks its options before torch loads
 
 NEEDS_REF = False
 DATA = "pairs"

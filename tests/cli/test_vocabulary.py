@@ -37,7 +37,7 @@ def test_no_command_spells_a_shared_concept_two_ways(cli_docs):
     for flag, users in {"--output-dir": {"train", "eval", "label", "cache", "reno"},
                         "--num-inference-steps": {"train", "eval", "label", "reno"},
                         "--guidance-scale": {"train", "eval", "label", "reno"},
-                        "--reward": {"eval", "label", "reno", "score"},
+                        "--reward": {"train", "eval", "label", "reno", "score"},
                         "--dtype": {"eval", "label", "reno", "score", "cache"}}.items():
         assert {name for name, p in parsers.items() if flag in cli_docs.flags(p)} == users, flag
 

@@ -356,3 +356,11 @@ def test_describe_groups_tells_own_captions_and_all_ties(tmp_path):
     jsonl = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "chosen": write_image(tmp_path / "a.png", 0),
                                                 "rejected": write_image(tmp_path / "b.png", 1)}])
     assert describe_groups(build_dataset(cfg_for(jsonl)))["image_captions"] is False
+
+
+def test_a_folder_of_parquet_files_with_two_layouts_fails_in_one_line(tmp_path):
+    write_parquet(tmp_path / "d" / "pairs.parquet", pickapic_rows(2))
+    write_parquet(tmp_path / "d" / "captions.parquet", pickapic_rows(2, captions=True))
+    with pytest.raises(DiffalignError, match="differ in their columns .*pass one of the files") as err:
+        build_dataset(cfg_for(tmp_path / "d"))
+    assert "\n" not in str(err.value)

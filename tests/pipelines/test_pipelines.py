@@ -15,28 +15,14 @@ def brightness(images, prompts):
 
 
 @pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    """diffusers' dummy SD components (seconds on CPU), real CLIP tokenizer written offline."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def tiny_sd():
+    """The tiny SD pipeline (diffalign.testing), with a DDIM scheduler whose last step lands on x0."""
+    from diffusers import DDIMScheduler
 
-    from diffalign.rewards.clip_tokenizer import write_clip_tokenizer
+    from diffalign.testing import tiny_pipeline
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=16, in_channels=4,
-                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-                                norm_num_groups=2)
-    vae = AutoencoderKL(block_out_channels=(4, 8), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=2,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                                                num_hidden_layers=2, vocab_size=49408, max_position_embeddings=77))
-    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp_path_factory.mktemp("tok")))
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                              set_alpha_to_one=True)
-    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = tiny_pipeline("sd")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, set_alpha_to_one=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

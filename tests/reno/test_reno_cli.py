@@ -63,3 +63,31 @@ def test_cli_reports_bad_input_on_one_line(tmp_path, capsys):
     rc = main(["reno", "--model", "x", "--prompt", "p", "--reward", "hpsv9=1", "--output-dir", str(tmp_path)])
     assert rc == 2
     assert "unknown reward 'hpsv9'" in capsys.readouterr().err
+
+
+def test_a_many_step_model_runs_at_its_own_steps_unless_flags_say_otherwise(tmp_path, turbo_sd, monkeypatch, capsys):
+    """toy-sd ships 20 steps at guidance 4 (diffalign.json): one step of it optimised pure noise."""
+    import diffalign.reno as reno
+
+    calls = []
+
+    def fake_optimize(pipe, prompt, rewards, **kw):
+        calls.append((kw["num_inference_steps"], kw["guidance_scale"]))
+        image = torch.zeros(3, 8, 8)
+        return reno.RenoResult(image, torch.zeros(1, 4, 1, 1), 0, image, torch.zeros(1, 4, 1, 1),
+                               [{"iteration": 0, "total": 0.0, "rewards": {"toy-reward": 0.0}}])
+
+    monkeypatch.setattr(reno, "optimize", fake_optimize)
+    monkeypatch.setattr(reno, "load_pipeline", lambda *a, **k: None)
+    turbo_sd.save_pretrained(tmp_path / "turbo")  # no diffalign.json: ReNO's one-step defaults
+    for extra, expected in ((["--model", "toy-sd"], (20, 4.0)),
+                            (["--model", "toy-sd", "--num-inference-steps", "4", "--guidance-scale", "0"], (4, 0.0)),
+                            (["--model", str(tmp_path / "turbo")], (1, 0.0))):
+        assert main(["reno", *extra, "--prompt", "p", "--reward", "toy-reward", "--output-dir", str(tmp_path / "o")]) == 0
+        assert calls[-1] == expected, extra
+        assert f"{expected[0]} sampler steps, guidance {expected[1]:g}" in capsys.readouterr().out
+        settings = json.loads((tmp_path / "o" / "000" / "history.json").read_text())["settings"]
+        assert settings["num_inference_steps"] == str(expected[0])  # the record says what ran
+    assert main(["reno", "--model", "toy-sd", "--num-inference-steps", "0", "--prompt", "p", "--reward", "toy-reward",
+                 "--output-dir", str(tmp_path / "o")]) == 2
+    assert "use at least 1 step" in capsys.readouterr().err
