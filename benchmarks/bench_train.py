@@ -89,7 +89,8 @@ def run_case(case: dict) -> dict:
     from diffalign.models import load_adapter
     from diffalign.objectives import get_objective, resolve_hparams
     from diffalign.testing import TINY_RESOLUTION, tiny_pipeline
-    from diffalign.train import compute_loss, draw_step, setup_denoiser
+    from diffalign.step import compute_loss, draw_step
+    from diffalign.train import setup_denoiser
 
     torch.manual_seed(0)
     device = torch.device(case["device"])

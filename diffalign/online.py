@@ -205,7 +205,7 @@ class Rollout:
 
 def slot_generators(seed: int, positions: list[int]) -> list[torch.Generator]:
     """One CPU generator per prompt slot, from its global position in the run."""
-    from diffalign.train import micro_step_generator
+    from diffalign.step import micro_step_generator
 
     return [micro_step_generator(seed, p) for p in positions]
 

@@ -90,9 +90,10 @@ def run_online(cfg: TrainConfig, out: Path, resume_from: Path | None, pipeline=N
     from diffalign.models import load_adapter
     from diffalign.models.lora import set_attention
     from diffalign.objectives import get_objective
-    from diffalign.train import (GroupOrder, StepLog, any_process, build_ema, build_optimizer, build_scheduler,
-                                 install_stop_handler, keep_work, make_accelerator, micro_step_generator,
-                                 objective_hparams, plot_training_curves,
+    from diffalign.step import StepLog, micro_step_generator
+    from diffalign.train import (GroupOrder, any_process, build_ema, build_optimizer, build_scheduler,
+                                 install_stop_handler, keep_work, make_accelerator, objective_hparams,
+                                 plot_training_curves,
                                  register_trainable_checkpointing, run_final_eval, save_final_weights, setup_denoiser,
                                  trim_metrics, weight_dtype_for)
 

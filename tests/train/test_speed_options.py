@@ -11,8 +11,9 @@ from diffalign.config import TrainConfig
 from diffalign.models import load_adapter
 from diffalign.objectives import get_objective, resolve_hparams
 from diffalign.testing import tiny_pipeline
-from diffalign.train import (AUTO_WORKERS_MIN_BATCHES, PromptMemo, build_optimizer, compute_loss, draw_step, encode_texts,
-                             loader_workers, remember_prompts, set_tf32, setup_denoiser, use_fused_adamw)
+from diffalign.step import PromptMemo, compute_loss, draw_step, encode_texts, remember_prompts
+from diffalign.train import (AUTO_WORKERS_MIN_BATCHES, build_optimizer, loader_workers, set_tf32, setup_denoiser,
+                             use_fused_adamw)
 
 
 def batch(b: int = 2) -> dict:

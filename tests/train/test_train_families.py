@@ -11,7 +11,8 @@ from diffalign.config import TrainConfig
 from diffalign.models import load_adapter
 from diffalign.objectives import get_objective, resolve_hparams
 from diffalign.testing import TINY_RESOLUTION, tiny_pipeline
-from diffalign.train import compute_loss, draw_step, setup_denoiser
+from diffalign.step import compute_loss, draw_step
+from diffalign.train import setup_denoiser
 
 CASES = [
     ("sd", {}, ["dpo", "mapo"]),
