@@ -12,6 +12,7 @@ maths is diffalign.elbo's; the model call and the encoders are the family adapte
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -206,3 +207,27 @@ class StepLog:
         self.pending = []
         self.last = rows[-1]
         return rows
+
+
+class MetricsFile:
+    """OUTPUT/metrics.jsonl (written by the main process) and the trackers: the rows a StepLog
+    hands over. Every process calls `write`, since the flush gathers across processes."""
+
+    def __init__(self, path, accelerator, report_to: str):
+        self.accelerator = accelerator
+        self.report = report_to != "none"
+        self.file = open(path, "a") if accelerator.is_main_process else None
+
+    def write(self, log: StepLog) -> None:
+        rows = log.flush()
+        if self.file is None:
+            return
+        for record in rows:
+            self.file.write(json.dumps(record) + "\n")
+            if self.report:
+                self.accelerator.log(record, step=record["step"])
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()

@@ -20,7 +20,7 @@ from diffalign.config import TrainConfig, add_config_arguments, load_yaml, merge
 from diffalign.errors import DiffalignError
 from diffalign.lazy import lazy
 from diffalign.objectives import get_objective, resolve_hparams
-from diffalign.step import StepLog, compute_loss, draw_step, micro_step_generator, remember_prompts
+from diffalign.step import MetricsFile, StepLog, compute_loss, draw_step, micro_step_generator, remember_prompts
 
 torch = lazy("torch")  # loads when training starts: argument errors report before torch's import (seconds)
 
@@ -343,7 +343,7 @@ def run_training(cfg: TrainConfig, out: Path, resume_from: Path | None, pipeline
             f"{'full fine-tune' if cfg.full_finetune else f'LoRA rank {cfg.lora_rank}'}, {cfg.resolution} px, attention={attention}, "
             f"{len(dataset) if hasattr(dataset, '__len__') else 'streamed'} groups, {sum(p.numel() for p in params):,} trainable parameters, hparams={hparams}"
         )
-    metrics_file = open(out / "metrics.jsonl", "a") if main else None
+    metrics_file = MetricsFile(out / "metrics.jsonl", accelerator, cfg.report_to)
     stop = install_stop_handler()
     progress = tqdm(total=cfg.max_steps, initial=state["step"], disable=not main, desc=cfg.method, dynamic_ncols=True)
     log = StepLog(accelerator)
@@ -360,13 +360,7 @@ def run_training(cfg: TrainConfig, out: Path, resume_from: Path | None, pipeline
                                     cfg.keep_checkpoints)
 
     def write_metrics():
-        for record in log.flush():
-            if main:
-                metrics_file.write(json.dumps(record) + "\n")
-                if cfg.report_to != "none":
-                    accelerator.log(record, step=record["step"])
-        if main:
-            metrics_file.flush()
+        metrics_file.write(log)
 
     last_good = dict(state)  # the state at the last optimiser step: what a checkpoint may hold
     try:
@@ -445,8 +439,7 @@ def run_training(cfg: TrainConfig, out: Path, resume_from: Path | None, pipeline
         raise DiffalignError(f"{err}; {keep_work(last_good, save, out)}") from None
     progress.close()
     stop.restore()
-    if metrics_file:
-        metrics_file.close()
+    metrics_file.close()
     if interrupted:
         return {"interrupted": True, "step": state["step"]}
 

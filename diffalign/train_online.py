@@ -90,7 +90,7 @@ def run_online(cfg: TrainConfig, out: Path, resume_from: Path | None, pipeline=N
     from diffalign.models import load_adapter
     from diffalign.models.lora import set_attention
     from diffalign.objectives import get_objective
-    from diffalign.step import StepLog, micro_step_generator
+    from diffalign.step import MetricsFile, StepLog, micro_step_generator
     from diffalign.train import (GroupOrder, any_process, build_ema, build_optimizer, build_scheduler,
                                  install_stop_handler, keep_work, make_accelerator, objective_hparams,
                                  plot_training_curves,
@@ -149,7 +149,7 @@ def run_online(cfg: TrainConfig, out: Path, resume_from: Path | None, pipeline=N
             f"guidance {guidance:g}, {cfg.num_candidates} candidates from step {cfg.divert_start_step}, "
             f"{sum(p.numel() for p in params):,} trainable parameters, hparams={hparams}"
         )
-    metrics_file = open(out / "metrics.jsonl", "a") if main else None
+    metrics_file = MetricsFile(out / "metrics.jsonl", accelerator, cfg.report_to)
     stop = install_stop_handler()
     progress = tqdm(total=cfg.max_steps, initial=state["step"], disable=not main, desc=cfg.method, dynamic_ncols=True)
     log = StepLog(accelerator)
@@ -162,13 +162,7 @@ def run_online(cfg: TrainConfig, out: Path, resume_from: Path | None, pipeline=N
                                     cfg.keep_checkpoints)
 
     def write_metrics():
-        for record in log.flush():
-            if main:
-                metrics_file.write(json.dumps(record) + "\n")
-                if cfg.report_to != "none":
-                    accelerator.log(record, step=record["step"])
-        if main:
-            metrics_file.flush()
+        metrics_file.write(log)
 
     def prompt_ids() -> list[int]:
         """This process's prompts of the next rollout, in the seeded per-epoch order."""
@@ -259,8 +253,7 @@ def run_online(cfg: TrainConfig, out: Path, resume_from: Path | None, pipeline=N
         raise DiffalignError(f"{err}; {keep_work(last_good, save, out)}") from None
     progress.close()
     stop.restore()
-    if metrics_file:
-        metrics_file.close()
+    metrics_file.close()
     if interrupted:
         return {"interrupted": True, "step": state["step"]}
 
