@@ -386,12 +386,7 @@ def run_training(cfg: TrainConfig, out: Path, resume_from: Path | None, pipeline
                     log.add(loss, metrics)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
-                        # One host sync a step, before the weights change, on every process at once.
-                        bad = log.non_finite()
-                        if any_process(accelerator, bad is not None):
-                            raise DiffalignError(f"loss is {bad if bad is not None else 'not finite'} at step "
-                                                 f"{state['step'] + 1}: lower --lr or --beta, or train in fp32/bf16 "
-                                                 "instead of fp16")
+                        check_finite(accelerator, log, state["step"] + 1)
                         if cfg.max_grad_norm > 0:
                             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                     optimizer.step()
@@ -443,11 +438,27 @@ def run_training(cfg: TrainConfig, out: Path, resume_from: Path | None, pipeline
     if interrupted:
         return {"interrupted": True, "step": state["step"]}
 
+    return finish_run(cfg, accelerator, adapter, denoiser, params, ema, out, state, save,
+                      {"step": state["step"], "output_dir": str(out)})
+
+
+def check_finite(accelerator, log: StepLog, step: int) -> None:
+    """The one host sync of a step, before the weights change, on every process at once: stop
+    on a NaN or infinite loss (the caller keeps the last good step)."""
+    bad = log.non_finite()
+    if any_process(accelerator, bad is not None):
+        raise DiffalignError(f"loss is {bad if bad is not None else 'not finite'} at step {step}: lower --lr or "
+                             "--beta, or train in fp32/bf16 instead of fp16")
+
+
+def finish_run(cfg: TrainConfig, accelerator, adapter, denoiser, params, ema, out: Path, state: dict, save,
+               result: dict) -> dict:
+    """After the last step: a final checkpoint, the weights (EMA ones when kept), the curves and
+    the final evaluation; returns `result` with the evaluation added."""
     if cfg.checkpoint_every:
         save(dict(state))
     accelerator.wait_for_everyone()
-    result = {"step": state["step"], "output_dir": str(out)}
-    if main:
+    if accelerator.is_main_process:
         if ema is not None:
             ema.copy_to(params)
         save_final_weights(cfg, adapter, accelerator.unwrap_model(denoiser), out)

@@ -91,11 +91,9 @@ def run_online(cfg: TrainConfig, out: Path, resume_from: Path | None, pipeline=N
     from diffalign.models.lora import set_attention
     from diffalign.objectives import get_objective
     from diffalign.step import MetricsFile, StepLog, micro_step_generator
-    from diffalign.train import (GroupOrder, any_process, build_ema, build_optimizer, build_scheduler,
-                                 install_stop_handler, keep_work, make_accelerator, objective_hparams,
-                                 plot_training_curves,
-                                 register_trainable_checkpointing, run_final_eval, save_final_weights, setup_denoiser,
-                                 trim_metrics, weight_dtype_for)
+    from diffalign.train import (GroupOrder, any_process, build_ema, build_optimizer, build_scheduler, check_finite,
+                                 finish_run, install_stop_handler, keep_work, make_accelerator, objective_hparams,
+                                 register_trainable_checkpointing, setup_denoiser, trim_metrics, weight_dtype_for)
 
     objective = get_objective(cfg.method)
     accelerator = make_accelerator(cfg, out)
@@ -213,10 +211,7 @@ def run_online(cfg: TrainConfig, out: Path, resume_from: Path | None, pipeline=N
                 log.add(loss, metrics)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    bad = log.non_finite()
-                    if any_process(accelerator, bad is not None):
-                        raise DiffalignError(f"loss is {bad if bad is not None else 'not finite'} at step "
-                                             f"{state['step'] + 1}: lower --lr, or train in fp32/bf16 instead of fp16")
+                    check_finite(accelerator, log, state["step"] + 1)
                     if cfg.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
@@ -257,18 +252,6 @@ def run_online(cfg: TrainConfig, out: Path, resume_from: Path | None, pipeline=N
     if interrupted:
         return {"interrupted": True, "step": state["step"]}
 
-    if cfg.checkpoint_every:
-        save(dict(state))
-    accelerator.wait_for_everyone()
     result = {"step": state["step"], "output_dir": str(out),
               "pair_rate": state["pairs"] / max(state["compared"], 1), "rollouts": state["rollouts"]}
-    if main:
-        if ema is not None:
-            ema.copy_to(params)
-        save_final_weights(cfg, adapter, accelerator.unwrap_model(denoiser), out)
-        plot_training_curves(out / "metrics.jsonl", out / "training_curves.png")
-        if cfg.eval_prompts:
-            result["eval"] = run_final_eval(cfg, out)
-        print(f"diffalign: done. Weights, metrics.jsonl, training_curves.png and config.yaml are in {out}")
-    accelerator.end_training()
-    return result
+    return finish_run(cfg, accelerator, adapter, denoiser, params, ema, out, state, save, result)
