@@ -7,7 +7,7 @@ from diffalign import elbo
 from diffalign.errors import DiffalignError
 from diffalign.models import load_adapter
 from diffalign.models.lora import add_lora, frozen_copy, has_lora, load_lora, reference, save_lora, set_attention
-from diffalign.testing import TINY_RESOLUTION, TINY_VARIANTS
+from diffalign.testing import TINY_VARIANTS, tiny_pixels
 
 # Each family's first variant (the LoRA code path does not depend on the other options).
 FAMILY_VARIANTS = {}
@@ -25,8 +25,7 @@ def _fresh(variant):
 
 def _batch(adapter, n=2):
     gen = torch.Generator().manual_seed(0)
-    res = TINY_RESOLUTION[adapter.family]
-    x0 = adapter.encode_images(torch.rand(n, 3, res, res, generator=gen) * 2 - 1)
+    x0 = adapter.encode_images(tiny_pixels(adapter.family, n, gen))  # images, or videos for a video family
     t = elbo.draw_timesteps(adapter, n, gen)
     xt = elbo.add_noise(adapter, x0, torch.randn(x0.shape, generator=gen), t)
     return xt, t, adapter.encode_prompts(["a red cube", "two blue spheres"][:n])
@@ -72,9 +71,10 @@ def test_lora_trains_only_lora_and_reference_is_the_base(variant):
         ref_pred = adapter.predict(ref, xt, t, cond)
         assert not ref_pred.requires_grad
     torch.testing.assert_close(ref_pred, base)
-    # adapters are back on after the block
+    # adapters are back on after the block, and the same weights still train
     with torch.no_grad():
         torch.testing.assert_close(adapter.predict(adapter.denoiser, xt, t, cond), moved)
+    assert [n for n, p in adapter.denoiser.named_parameters() if p.requires_grad] == names
 
 
 @pytest.mark.parametrize("variant", FAMILY_VARIANTS)
