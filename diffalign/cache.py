@@ -10,7 +10,8 @@ pixels every epoch, so they cannot be encoded ahead; a cached run trains on the 
 
 Layout of CACHE/<key>/:
     config.json                 what the key was made of, shard count, shard size
-    shard-00000.safetensors     latents (N, C, h, w) for the N images of its G groups (best first),
+    shard-00000.safetensors     latents (N, C, h, w) for the N images of its G groups (best first;
+                                videos: (N, C, F', h, w), the frames `num_frames`/`fps` sample),
                                 group_offsets (G+1,), scores (N,), index (G,) (dataset index),
                                 cond.<name> (U, ...) for the U unique texts (prompts and per-image
                                 captions) of the shard, prompt_index (G,), caption_index (N,) into
@@ -81,6 +82,8 @@ def cache_settings(model_id: str, cfg: DataConfig, pairwise: bool) -> dict:
         "group_size": cfg.group_size,
         "max_samples": cfg.max_samples,
         "columns": [cfg.caption_column, cfg.image_columns, cfg.label_columns],
+        # video data: the sampled frames and the label (image caches keep their keys)
+        **({"video": [cfg.num_frames, cfg.fps, cfg.video_label]} if cfg.num_frames is not None else {}),
     }
 
 
@@ -308,6 +311,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group-size", type=int, default=None, help="with --ranked: K images per group")
     parser.add_argument("--strict", action="store_true", help="a missing or corrupt image is fatal")
     parser.add_argument("--dtype", default="fp32", help="encoder dtype, fp32 | fp16 | bf16 (cached tensors keep it)")
+    parser.add_argument("--num-frames", type=int, default=None, help="video data: frames per video (as train's --num-frames)")
+    parser.add_argument("--fps", type=float, default=None, help="video data: sampling rate of the frames (default: consecutive)")
+    parser.add_argument("--video-label", default="overall", help="VideoAlign CSV: the winner by overall | VQ | MQ | TA")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -317,6 +323,10 @@ def run(args: argparse.Namespace) -> int:
     from diffalign.models import load_adapter
 
     dataset_kind(args.dataset)  # a wrong path fails before the model loads
+    from diffalign.video import LABELS
+
+    if args.video_label not in LABELS:
+        raise DiffalignError(f"--video-label {args.video_label!r} is not valid: choose one of {', '.join(LABELS)}")
     dtype = parse_dtype(args.dtype)
     # cpu=True on a machine without CUDA: this accelerate's launcher does not say so itself, and
     # without it several CPU processes would each believe they are alone (and encode everything).
@@ -326,7 +336,8 @@ def run(args: argparse.Namespace) -> int:
 
     resolution = args.resolution or model_resolution(args.model)
     cfg = DataConfig(dataset=args.dataset, split=args.split, resolution=resolution,
-                     max_samples=args.max_samples, strict=args.strict, group_size=args.group_size)
+                     max_samples=args.max_samples, strict=args.strict, group_size=args.group_size,
+                     num_frames=args.num_frames, fps=args.fps, video_label=args.video_label)
     folder = build_cache(adapter, cfg, args.output_dir, model_id=args.model, pairwise=not args.ranked,
                          batch_size=args.batch_size, shard_size=args.shard_size, device=state.device,
                          rank=state.process_index, world_size=state.num_processes)

@@ -72,6 +72,12 @@ class DataConfig:
     label_columns: list[str] | None = None
     """Pick-a-Pic schema: one score per image; None = label_0, label_1, ... (one per image).
     label_1 may be absent for pairs (= 1 - label_0)."""
+    num_frames: int | None = None
+    """Video data (diffalign.video): frames per video; None = image data."""
+    fps: float | None = None
+    """Video data: the sampling rate of the frames (None: consecutive frames)."""
+    video_label: str = "overall"
+    """VideoAlign CSV: the winner by overall | VQ | MQ | TA."""
 
 
 @dataclass
@@ -213,6 +219,10 @@ def transform_image(img, resolution: int, aug: Augment) -> torch.Tensor:
 
 def load_group(group: _Group, order: list[int], cfg: DataConfig, aug: Augment | None) -> dict:
     """Decode and transform the kept images of a group; aug None = decode only (to skip)."""
+    if cfg.num_frames is not None:  # videos: (K, F, 3, R, R), one augment for every frame
+        from diffalign.video import load_video_group
+
+        return load_video_group(group, order, cfg, aug)
     pixels = []
     for i in order:
         try:
@@ -245,17 +255,18 @@ class SkipCounter:
 
     def __init__(self, strict: bool):
         self.strict = strict
-        self.counts = {"missing": 0, "corrupt": 0}
+        self.counts = {"missing": 0, "corrupt": 0}  # and "short" once a video with too few frames is met
 
     def record(self, err: _BadImage) -> None:
         if self.strict:
             raise DiffalignError(f"{err.reason} image at {err}: fix or remove it, or drop --strict to skip such groups")
-        self.counts[err.reason] += 1
+        self.counts[err.reason] = self.counts.get(err.reason, 0) + 1
         total = sum(self.counts.values())
         if total <= 10 or total % 1000 == 0:
             warnings.warn(
-                f"skipped a group with a {err.reason} image ({err}); skipped so far: "
-                f"{self.counts['missing']} missing, {self.counts['corrupt']} corrupt",
+                f"skipped a group with a {'too short video' if err.reason == 'short' else err.reason + ' image'} ({err}); skipped so far: "
+                f"{self.counts['missing']} missing, {self.counts['corrupt']} corrupt"
+                + (f", {self.counts['short']} too short" if self.counts.get("short") else ""),
                 stacklevel=3,
             )
 
@@ -327,10 +338,14 @@ def dataset_kind(name: str) -> str:
         if not path.is_file():
             raise DiffalignError(f"JSONL dataset {name!r} not found: check the path")
         return "jsonl"
+    if name.endswith(".csv"):  # VideoAlign's video pairs (diffalign.video)
+        if not path.is_file():
+            raise DiffalignError(f"CSV dataset {name!r} not found: check the path")
+        return "csv"
     if path.is_file():
         if path.suffix == ".parquet":
             return "parquet"
-        raise DiffalignError(f"dataset file {name!r} is neither .parquet nor .jsonl: convert it or pass a folder")
+        raise DiffalignError(f"dataset file {name!r} is neither .parquet nor .jsonl (nor a video .csv): convert it or pass a folder")
     if path.is_dir():
         if any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
             return "disk"
@@ -545,6 +560,8 @@ def parse_jsonl_line(obj: Any, where: str, base_dir: Path) -> _Group:
         captions = obj.get("captions")
     elif "chosen" in obj and "rejected" in obj:
         images, scores = [obj["chosen"], obj["rejected"]], [1.0, 0.0]
+        if "chosen_score" in obj or "rejected_score" in obj:  # per-sample rewards (flow-rwr weights)
+            scores = _check_scores([obj.get("chosen_score"), obj.get("rejected_score")], where)
         captions = None
         if "chosen_caption" in obj or "rejected_caption" in obj:
             captions = [obj.get("chosen_caption") or prompt, obj.get("rejected_caption") or prompt]
@@ -762,6 +779,10 @@ def build_dataset(cfg: DataConfig, *, pairwise: bool = True, rank: int | None = 
     if cfg.dataset.startswith("~"):
         cfg = dataclasses.replace(cfg, dataset=os.path.expanduser(cfg.dataset))
     kind = dataset_kind(cfg.dataset)
+    if kind == "csv":
+        from diffalign.video import csv_dataset
+
+        return csv_dataset(cfg, pairwise, drop_ties)
     if not cfg.streaming:
         if kind == "jsonl":
             return _jsonl_map(cfg, pairwise, drop_ties)

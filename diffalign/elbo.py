@@ -48,10 +48,13 @@ def draw_noise_and_timesteps(adapter, latent_shape: tuple[int, ...], n: int, gen
 
 def draw_timesteps(adapter, n: int, generator: torch.Generator) -> Tensor:
     """DDPM: uniform integers in [0, T). Flow: sigma ~ logit-normal(logit_mean, logit_std), as
-    SD3's training scripts (flow_grpo uses 0, 1)."""
+    SD3's training scripts (flow_grpo uses 0, 1), mapped into the adapter's `sigma_range`
+    (lo, hi) when it has one: lo + (hi - lo) sigma (a Wan 2.2 expert trains on its own noise levels)."""
     if adapter.prediction_type == "flow":
         u = torch.randn(n, generator=generator, device=generator.device) * adapter.logit_std + adapter.logit_mean
-        return torch.sigmoid(u)
+        low, high = getattr(adapter, "sigma_range", (0.0, 1.0))
+        sigma = torch.sigmoid(u)
+        return sigma if (low, high) == (0.0, 1.0) else low + (high - low) * sigma
     return torch.randint(0, adapter.num_train_timesteps, (n,), generator=generator, device=generator.device)
 
 

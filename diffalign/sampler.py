@@ -259,10 +259,12 @@ def prepare(
     width: int | None = None,
     timesteps: list[int] | None = None,
     transition: Any = None,
+    num_frames: int | None = None,
 ) -> SamplingSetup:
     """Encode `prompts` once and set the schedule. `pipe` is a diffusers pipeline or a model
     adapter (training code passes its own, e.g. with max_sequence_length set). `timesteps`
-    overrides the schedule (PixArt-DMD: [400]); `transition` defaults to SchedulerStep()."""
+    overrides the schedule (PixArt-DMD: [400]); `transition` defaults to SchedulerStep().
+    `num_frames`: video families only (None: the pipeline's default length)."""
     adapter = pipe if isinstance(pipe, ModelAdapter) else make_adapter(pipe)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     transition = transition or SchedulerStep()
@@ -270,16 +272,26 @@ def prepare(
     height, width = height or default_height, width or default_width
     with torch.no_grad():
         cond, uncond = adapter.sampling_condition(prompts, guidance_scale, height, width)
-    latent_shape = adapter.latent_shape(height, width)
+    latent_shape = adapter.latent_shape(height, width, **video_options(adapter, num_frames))
     scheduler = transition.make_scheduler(adapter.pipe)
     options = adapter.schedule_options(scheduler, latent_shape, num_inference_steps, timesteps is not None)
     schedule = {"num_inference_steps": None if timesteps is not None else num_inference_steps, "timesteps": timesteps, **options}
     device = adapter.pipe._execution_device
-    dtype = next(v.dtype for v in cond.values() if v.is_floating_point())  # the prompt embeddings come first
+    # The prompt embeddings' dtype (they come first), unless the family keeps its own (Wan: fp32).
+    dtype = getattr(adapter, "latent_dtype", None) or next(v.dtype for v in cond.values() if v.is_floating_point())
     setup = SamplingSetup(adapter, cond, uncond, guidance_scale, latent_shape, dtype, device, transition,
                           scheduler, schedule, timesteps=torch.empty(0))
     setup.timesteps = reset_schedule(setup)
     return setup
+
+
+def video_options(adapter: ModelAdapter, num_frames: int | None) -> dict[str, int]:
+    """`latent_shape`'s frame count for a video family; an image family refuses one."""
+    if not getattr(adapter, "video", False):
+        if num_frames is not None:
+            raise DiffalignError(f"num_frames={num_frames} is for video models, not {adapter.family}: leave it unset")
+        return {}
+    return {} if num_frames is None else {"num_frames": int(num_frames)}
 
 
 def reset_schedule(setup: SamplingSetup, start: int = 0) -> Tensor:
@@ -366,7 +378,8 @@ def denoise(setup: SamplingSetup, x: Tensor, *, start: int = 0, stop: int | None
 
 
 def decode(setup: SamplingSetup, latents: Tensor) -> Tensor:
-    """Latents -> (N, 3, H, W) images in [0, 1], through the family's VAE decode.
+    """Latents -> (N, 3, H, W) images (video families: (N, F, 3, H, W)) in [0, 1], through the
+    family's VAE decode.
 
     Contiguous, as `pipe(output_type="pt")` returns them: the VAE's last convolution may hand
     back another memory layout, and a reduction over it sums in another order."""
@@ -391,12 +404,15 @@ def generate(
     width: int | None = None,
     timesteps: list[int] | None = None,
     transition: Any = None,
+    num_frames: int | None = None,
 ) -> Tensor:
-    """Images (N, 3, H, W) float32 in [0, 1] for `prompts`, one per prompt, under no_grad.
+    """Images (N, 3, H, W) float32 in [0, 1] for `prompts`, one per prompt, under no_grad;
+    videos (N, F, 3, H, W) for a video family (`num_frames` F, None: the pipeline's default).
 
     Image i starts from `torch.Generator().manual_seed(seeds[i])` (or from `noise`, the
     unpacked latents); None steps/guidance take the pipeline's own defaults. With the default
-    transition this is `pipe(prompt=prompts, generator=[...], output_type="pt", ...).images`."""
+    transition this is `pipe(prompt=prompts, generator=[...], output_type="pt", ...).images`
+    (`.frames` for videos)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if (seeds is None) == (noise is None):
         raise DiffalignError("generate needs seeds (one per prompt) or noise, not both: pass seeds=[0, 1, ...]")
@@ -407,7 +423,7 @@ def generate(
     scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
     with torch.no_grad():
         setup = prepare(pipe, prompts, num_inference_steps=steps, guidance_scale=scale, height=height, width=width,
-                        timesteps=timesteps, transition=transition)
+                        timesteps=timesteps, transition=transition, num_frames=num_frames)
         generators = seed_generators(seeds) if seeds is not None else None
         start = initial_noise(setup, generators) if noise is None else noise
         trajectory = denoise(setup, initial_latents(setup, start), generator=generators)
@@ -518,6 +534,7 @@ def build_generator(
     width: int | None = None,
     seed: int = 0,
     gradient_checkpointing: bool = True,
+    num_frames: int | None = None,
 ) -> Generator:
     """The differentiable generator of `pipe` for one prompt (ReNO): the prompt encoded once,
     then noise -> `denoise` under autograd -> VAE decode.
@@ -526,7 +543,7 @@ def build_generator(
     use 0. `timesteps` overrides the scheduler's schedule (PixArt-DMD: [400], Hyper-SD: [800]).
     `seed` fixes the noise of stochastic schedulers, so every call is the same function. The noise
     has the layout of the pipeline's `latents=` argument, so `pipe(prompt, latents=result.latent)`
-    reproduces an optimised image.
+    reproduces an optimised image. Video families give (1, F, 3, H, W) for `num_frames` F.
     """
     if num_inference_steps < 1:
         raise DiffalignError(f"num_inference_steps={num_inference_steps}: use 1 to 4 steps")
@@ -540,7 +557,7 @@ def build_generator(
         if adapter.denoiser._supports_gradient_checkpointing:
             adapter.denoiser.enable_gradient_checkpointing()
     setup = prepare(adapter, [prompt], num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                    height=height, width=width, timesteps=timesteps)
+                    height=height, width=width, timesteps=timesteps, num_frames=num_frames)
     noise_shape = tuple(adapter.to_pipeline_latents(torch.zeros(1, *setup.latent_shape)).shape)
 
     def generate(noise: Tensor) -> Tensor:

@@ -97,6 +97,13 @@ def draw_step(adapter, batch: dict, generator: torch.Generator, groups: int, cap
     drop = torch.rand(groups, generator=generator) < caption_dropout if caption_dropout > 0 else None
     if "latents" in batch:
         latent_shape = tuple(batch["latents"].shape[2:])
+    elif batch["pixels"].ndim == 6:  # videos (B, K, F, 3, H, W)
+        if not getattr(adapter, "video", False):
+            from diffalign.errors import DiffalignError
+
+            raise DiffalignError(f"video data (--num-frames) needs a video model, and {adapter.family} takes images: "
+                                 "unset --num-frames or train a video model (wan)")
+        latent_shape = adapter.latent_shape(*batch["pixels"].shape[-2:], num_frames=batch["pixels"].shape[2])
     else:
         latent_shape = adapter.latent_shape(*batch["pixels"].shape[-2:])
     noise, t = draw_noise_and_timesteps(adapter, latent_shape, groups, generator)

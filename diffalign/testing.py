@@ -9,7 +9,7 @@ the CPU. Nothing touches the model hub:
 - CLIP tokenizers are CLIP's real BPE (from `diffalign.rewards.clip_tokenizer`, offline) cut
   to its first 1000 merges: 1514 tokens, so they load fast and the text encoders stay tiny.
 - T5 has no offline tokenizer here, so a CLIP tokenizer folder stands in for T5's
-  (`tokenizer_2` of FLUX, `tokenizer_3` of SD3, `tokenizer` of PixArt). The pipelines only call
+  (`tokenizer_2` of FLUX, `tokenizer_3` of SD3, `tokenizer` of PixArt) and UMT5's (Wan). The pipelines only call
   it with `padding="max_length", max_length=..., truncation=True`, which any tokenizer serves;
   the ids are fed to a tiny random `T5EncoderModel` with the same vocabulary size. Real
   checkpoints ship their real T5 tokenizer.
@@ -33,6 +33,9 @@ from diffalign.models import FAMILIES, family_module
 # Pixel resolution each family's tiny pipeline is meant for (latent = pixels / vae scale factor),
 # read from the family files.
 TINY_RESOLUTION: dict[str, int] = {family: family_module(family).TINY_RESOLUTION for family in FAMILIES}
+
+# Frames per video of the video families' tiny pipelines (None: an image family).
+TINY_NUM_FRAMES: dict[str, int | None] = {family: getattr(family_module(family), "TINY_NUM_FRAMES", None) for family in FAMILIES}
 
 # Named variants covering every code path of the adapters: id -> (family, tiny_pipeline options),
 # gathered from each family file's TINY_VARIANTS (tests parametrise over them).
@@ -154,11 +157,20 @@ def tiny_vae(latent_channels: int = 4, depth: int = 2, shift_factor: float | Non
     ).eval()
 
 
+def tiny_pixels(family: str, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """n random inputs in [-1, 1] for `family`'s `encode_images` at its tiny size: images
+    (n, 3, R, R), or videos (n, F, 3, R, R) for a video family."""
+    res, frames = TINY_RESOLUTION[family], TINY_NUM_FRAMES[family]
+    shape = (n, 3, res, res) if frames is None else (n, frames, 3, res, res)
+    return torch.rand(shape, generator=generator) * 2 - 1
+
+
 def tiny_pipeline(family: str, seed: int = 0, **kw: Any):
     """A tiny random pipeline of `family` (one of FAMILIES), in float32 on the CPU: the family
     file's `tiny_pipeline(**kw)` after `torch.manual_seed(seed)`.
 
-    Options: sd/sdxl `prediction_type="epsilon"|"v_prediction"`; sd3 `with_t5=False` (no
+    Options: wan `two_experts=True` (Wan 2.2: transformer_2 and boundary_ratio);
+    sd/sdxl `prediction_type="epsilon"|"v_prediction"`; sd3 `with_t5=False` (no
     text_encoder_3, as SD3 allows); flux `guidance_embeds=True` (FLUX.1-dev style); pixart
     `learn_sigma=False`, `use_additional_conditions=True` (PixArt-alpha 1024 micro-conditions),
     `alpha=True` (PixArt-alpha's pipeline instead of PixArt-sigma's).

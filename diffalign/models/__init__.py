@@ -6,6 +6,7 @@
     sd3      StableDiffusion3Pipeline (SD3, SD3.5)       flow        pipe.transformer
     flux     FluxPipeline (FLUX.1 dev/schnell)           flow        pipe.transformer
     pixart   PixArtAlphaPipeline, PixArtSigmaPipeline    eps         pipe.transformer
+    wan      WanPipeline (Wan 2.1 T2V, Wan 2.2 T2V)      flow        pipe.transformer (and transformer_2)
 
 `diffalign/models/<family>.py` owns everything about its family (docs/architecture.md, "Add a
 model family"): the `Adapter` class (encoders, the denoiser call, latent packing, and the
@@ -27,12 +28,10 @@ Conventions shared by every adapter:
 - Conditioning dicts are batch-first, so a caller can cache them, index them and
   `repeat_interleave` them over the K images of a group.
 
-Room for video DiTs (Wan 2.x, WanPipeline): a `wan.py` family file with 5-D latents
-(N, C, F, h, w) from `AutoencoderKLWan`, normalised per channel with the VAE's
-`latents_mean`/`latents_std` (its own encode/decode instead of `vae_encode`/`vae_decode`),
-flow matching as sd3.py, UMT5 text embeddings only, and LoRA targets on attn1/attn2/ffn. The
-ELBO core and the sampler take means over all non-batch dims and never assume 4-D latents;
-only the family files do.
+Video families (wan.py) set `video = True` and take videos: pixels (N, F, 3, H, W), latents
+(N, C, F', h, w), `latent_shape(height, width, num_frames)`, `default_num_frames`. The ELBO
+core and the sampler take means over all non-batch dims and never assume 4-D latents; only
+the family files do.
 """
 
 from __future__ import annotations
@@ -58,6 +57,7 @@ FAMILY_TABLE: dict[str, tuple[str, tuple[str, ...]]] = {
     "sd3": ("diffalign.models.sd3", ("StableDiffusion3Pipeline",)),
     "flux": ("diffalign.models.flux", ("FluxPipeline",)),
     "pixart": ("diffalign.models.pixart", ("PixArtAlphaPipeline", "PixArtSigmaPipeline")),
+    "wan": ("diffalign.models.wan", ("WanPipeline",)),
 }
 FAMILIES = tuple(FAMILY_TABLE)
 PIPELINE_FAMILIES = {name: family for family, (_, names) in FAMILY_TABLE.items() for name in names}

@@ -6,18 +6,19 @@ import torch
 from diffalign import elbo
 from diffalign.errors import DiffalignError
 from diffalign.models import ModelAdapter, load_adapter
-from diffalign.testing import TINY_RESOLUTION, TINY_VARIANTS
+from diffalign.testing import TINY_RESOLUTION, TINY_VARIANTS, tiny_pixels
 
 VARIANTS = TINY_VARIANTS
 
 ALL = list(VARIANTS)
 DDPM = [v for v in ALL if VARIANTS[v][0] in ("sd", "sdxl", "pixart")]
-FLOW = [v for v in ALL if VARIANTS[v][0] in ("sd3", "flux")]
+FLOW = [v for v in ALL if VARIANTS[v][0] in ("sd3", "flux", "wan")]
+IMAGE = [v for v in ALL if VARIANTS[v][0] != "wan"]  # video encode/decode: tests/models/test_wan.py
 
 
 def _images(adapter, n, seed=0):
-    res = TINY_RESOLUTION[adapter.family]
-    return torch.rand(n, 3, res, res, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    """Images (n, 3, R, R), or videos (n, F, 3, R, R) for a video family, in [-1, 1]."""
+    return tiny_pixels(adapter.family, n, torch.Generator().manual_seed(seed))
 
 
 def _hand_alpha_bar(config):
@@ -37,17 +38,20 @@ def test_loads_from_saved_folder(variant, loaded_adapters):
     adapter = loaded_adapters(variant)
     assert isinstance(adapter, ModelAdapter)  # every attribute and method of the contract
     assert adapter.family == family
-    expected = "flow" if family in ("sd3", "flux") else options.get("prediction_type", "epsilon")
+    expected = "flow" if family in ("sd3", "flux", "wan") else options.get("prediction_type", "epsilon")
     assert adapter.prediction_type == expected
     network = adapter.pipe.unet if family in ("sd", "sdxl") else adapter.pipe.transformer
-    assert adapter.denoiser is network
+    if getattr(adapter.pipe, "transformer_2", None) is not None:  # Wan 2.2: both experts train by default
+        assert adapter.denoiser.high is network and adapter.denoiser.low is adapter.pipe.transformer_2
+    else:
+        assert adapter.denoiser is network
     assert adapter.num_train_timesteps == 1000
     # frozen encoders: nothing outside the denoiser would ever receive a gradient
     assert not any(p.requires_grad for p in adapter.pipe.vae.parameters())
     assert not any(p.requires_grad for p in adapter.pipe.text_encoder.parameters())
 
 
-@pytest.mark.parametrize("variant", ALL)
+@pytest.mark.parametrize("variant", IMAGE)
 def test_encode_shapes(variant, loaded_adapters):
     adapter = loaded_adapters(variant)
     cond = adapter.encode_prompts(["a red cube", "", "two blue spheres"])
@@ -142,8 +146,8 @@ def test_predict_batch_equals_single(variant, loaded_adapters):
 def _pipeline_call(adapter, xt, t, cond):
     """The denoiser called the way the family's diffusers pipeline calls it."""
     family, net, pipe = adapter.family, adapter.denoiser, adapter.pipe
-    n, c, h, w = xt.shape
-    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    n, c, h, w = xt.shape[0], xt.shape[1], xt.shape[-2], xt.shape[-1]
+    scale = 2 ** (len(pipe.vae.config.get("block_out_channels", [])) - 1)
     if family == "sd":
         return net(xt, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
     if family == "sdxl":
@@ -173,6 +177,11 @@ def _pipeline_call(adapter, xt, t, cond):
         if net.config.out_channels // 2 == c:  # learned sigma: keep epsilon
             out = out.chunk(2, dim=1)[0]
         return out
+    if family == "wan":  # WanPipeline: transformer for timesteps >= boundary_ratio * 1000, else transformer_2
+        boundary = (pipe.config.boundary_ratio or 0.0) * 1000
+        return torch.cat([(pipe.transformer if ti * 1000 >= boundary else pipe.transformer_2)(
+            hidden_states=xt[i : i + 1], timestep=t[i : i + 1] * 1000,
+            encoder_hidden_states=cond["prompt_embeds"][i : i + 1]).sample for i, ti in enumerate(t)])
     raise AssertionError(family)
 
 

@@ -18,7 +18,7 @@ from diffalign.sampler import (
     seed_generators,
     step,
 )
-from diffalign.testing import TINY_RESOLUTION, TINY_VARIANTS, tiny_pipeline
+from diffalign.testing import TINY_NUM_FRAMES, TINY_RESOLUTION, TINY_VARIANTS, tiny_pipeline
 
 # Every tiny variant pipe() can run, plus PixArt-alpha's pipeline (the micro-condition variant
 # cannot run through pipe() at tiny size: the pipeline keys the conditions on sample_size 128).
@@ -37,7 +37,8 @@ def _pipe(family: str, **options):
 def _reference_images(pipe, family: str, prompts: list[str], seeds: list[int], **settings) -> torch.Tensor:
     extra = {"use_resolution_binning": False} if family == "pixart" else {}
     with torch.no_grad():
-        return pipe(prompt=prompts, generator=seed_generators(seeds), output_type="pt", **settings, **extra).images
+        out = pipe(prompt=prompts, generator=seed_generators(seeds), output_type="pt", **settings, **extra)
+    return out.frames if TINY_NUM_FRAMES[family] else out.images  # a video pipeline returns frames
 
 
 @pytest.mark.parametrize("variant", CASES)
@@ -45,10 +46,12 @@ def test_deterministic_sampling_equals_the_pipeline(variant):
     family, options = CASES[variant]
     pipe = _pipe(family, **options)
     size = TINY_RESOLUTION[family]
-    settings = dict(num_inference_steps=2, guidance_scale=3.0, height=size, width=size)
+    frames = TINY_NUM_FRAMES[family]
+    video = {"num_frames": frames} if frames else {}
+    settings = dict(num_inference_steps=2, guidance_scale=3.0, height=size, width=size, **video)
     expected = _reference_images(pipe, family, PROMPTS, SEEDS, **settings)
     images = generate(pipe, PROMPTS, seeds=SEEDS, **settings)
-    assert images.shape == (3, 3, size, size) and images.dtype == torch.float32
+    assert images.shape == ((3, frames, 3, size, size) if frames else (3, 3, size, size)) and images.dtype == torch.float32
     torch.testing.assert_close(images, expected, rtol=1e-5, atol=1e-5)
 
 
