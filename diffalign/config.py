@@ -36,7 +36,7 @@ class TrainConfig:
     objective: dict = field(default_factory=dict)
     """Extra objective options as KEY=VALUE, e.g. --objective loss_type=hinge (YAML: objective: {loss_type: hinge})."""
     prompts: str | None = None
-    """Online methods (spo): the prompts to sample from, a .txt/.jsonl/.json file or 'toy' (the toy
+    """Online methods (spo, grpo): the prompts to sample from, a .txt/.jsonl/.json file or 'toy' (the toy
     training prompts); they replace --dataset. Rollouts use num_inference_steps and guidance_scale."""
     reward: str | None = None
     """Online methods: the reward that judges the candidates, NAME[@PATH][=WEIGHT],... (spm scores at
@@ -53,6 +53,18 @@ class TrainConfig:
     """Online methods on flow models: noise level of the flow SDE step (> 0; Flow-GRPO's 0.7)."""
     rollout_prompts: int = 2
     """Online methods: prompts each process samples per rollout; the pairs of all processes are pooled."""
+    adv_clip_max: float = 5.0
+    """GRPO: advantages are clipped to [-adv_clip_max, adv_clip_max] (Flow-GRPO: 5)."""
+    global_std: bool = False
+    """GRPO: divide each group's centred rewards by the std of the whole global rollout instead of the
+    group's own (Flow-GRPO's published configs: on)."""
+    inner_epochs: int = 1
+    """GRPO: passes over each rollout's images before the next rollout (Flow-GRPO: 1)."""
+    train_steps: str = "all"
+    """GRPO: the sampling steps trained on: all, first:K (the first K; Flow-GRPO's timestep_fraction), or
+    window:K (K consecutive steps at a random place, drawn per rollout, as Flow-GRPO-Fast / MixGRPO)."""
+    sample_every: int = 0
+    """GRPO: every N steps, write OUTPUT/samples/step-N.png: a rollout's groups with their rewards (0: off)."""
 
     # --- model ---
     lora_rank: int = 8
@@ -82,6 +94,8 @@ class TrainConfig:
     tf32: bool = False
     """CUDA on Ampere or newer only: fp32 matmuls and convolutions in TF32 (faster, 10-bit mantissa
     products); the CPU and older GPUs ignore it."""
+    expert: str = "auto"
+    """Wan 2.2 (two experts by noise level): which trains, high | low | both (auto: both; one-transformer models: auto only)."""
 
     # --- data ---
     resolution: int | None = None
@@ -112,7 +126,8 @@ class TrainConfig:
     drop_ties: bool | None = None
     """Drop groups whose best and worst scores are equal (None: drop them for pair objectives)."""
     group_size: int | None = None
-    """Ranked objectives: K images per group, spread over each list's ranking (None: as in the data)."""
+    """Ranked objectives: K images per group, spread over each list's ranking (None: as in the data).
+    GRPO: images sampled per prompt, the group its advantages are relative to (None: 8)."""
     shuffle_buffer: int = 1000
     """Streaming only: shuffle buffer size (0: read in storage order)."""
     caption_column: str = "caption"
@@ -121,6 +136,13 @@ class TrainConfig:
     """Pick-a-Pic schema: one column per image (None: jpg_0, jpg_1, ...)."""
     label_columns: list | None = None
     """Pick-a-Pic schema: one score column per image (None: label_0, label_1, ...)."""
+    num_frames: int | None = None
+    """Video data: frames sampled from every video (None: image data). The same frame times for every
+    video of a group; a shorter video is skipped and counted (Wan: 1 + 4k, e.g. 33)."""
+    fps: float | None = None
+    """Video data: the rate the frames are sampled at (None: consecutive frames at the file's own rate)."""
+    video_label: str = "overall"
+    """VideoAlign CSV data: the winner by overall (majority of VQ, MQ, TA) | VQ | MQ | TA; ties dropped for pair methods."""
 
     # --- optimisation ---
     max_steps: int = 1000
@@ -351,9 +373,11 @@ def validate(cfg: TrainConfig) -> None:
             f"--resolution {cfg.resolution} is not a positive multiple of {RESOLUTION_MULTIPLE} (the VAE's downsampling): "
             f"use e.g. {max(RESOLUTION_MULTIPLE, round(cfg.resolution / RESOLUTION_MULTIPLE) * RESOLUTION_MULTIPLE)}"
         )
+    check_video_options(cfg)
     if cfg.guidance_scale is not None and cfg.guidance_scale < 0:
         raise DiffalignError(f"--guidance-scale {cfg.guidance_scale} must be >= 0 (1 or less turns guidance off)")
-    if objective.DATA != "ranked" and cfg.group_size not in (None, 2):
+    groups = objective.DATA == "ranked" or getattr(objective, "ROLLOUT", None) == "groups"  # GRPO samples groups
+    if not groups and cfg.group_size not in (None, 2):
         raise DiffalignError(f"{cfg.method} trains on pairs, not groups of {cfg.group_size}: unset --group-size "
                              "(only rankdpo takes ranked lists)")
     check_hparams(cfg.method, {**cfg.objective, **({"beta": cfg.beta} if cfg.beta is not None else {})})
@@ -368,6 +392,26 @@ def validate(cfg: TrainConfig) -> None:
             raise DiffalignError("--eval-prompts is set but --eval-rewards is empty: name the rewards that judge the "
                                  "evaluation, e.g. --eval-rewards pickscore hpsv2.1")
         parse_reward_specs(cfg.eval_rewards)
+
+
+def check_video_options(cfg: TrainConfig) -> None:
+    """The video fields (num_frames, fps, video_label, expert), before anything loads."""
+    if cfg.num_frames is not None and cfg.num_frames < 1:
+        raise DiffalignError(f"--num-frames {cfg.num_frames} must be at least 1 (Wan: 1 + 4k, e.g. 33)")
+    if cfg.fps is not None and not cfg.fps > 0:
+        raise DiffalignError(f"--fps {cfg.fps} must be a positive frame rate, e.g. 16 (or unset: the file's own rate)")
+    if cfg.fps is not None and cfg.num_frames is None:
+        raise DiffalignError("--fps samples video frames: set --num-frames too (or unset --fps for image data)")
+    if cfg.video_label not in VIDEO_LABELS:
+        raise DiffalignError(f"--video-label {cfg.video_label!r} is not valid: choose one of {', '.join(VIDEO_LABELS)}")
+    if cfg.expert not in EXPERTS:
+        raise DiffalignError(f"--expert {cfg.expert!r} is not valid: choose one of {', '.join(EXPERTS)}")
+    if cfg.dataset and str(cfg.dataset).endswith(".csv") and cfg.num_frames is None:
+        raise DiffalignError(f"{cfg.dataset} is a video CSV: set --num-frames (e.g. 33 for Wan)")
+
+
+VIDEO_LABELS = ("overall", "VQ", "MQ", "TA")  # VideoAlign's dimensions; overall = their majority
+EXPERTS = ("auto", "high", "low", "both")  # diffalign.models.wan.EXPERTS
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

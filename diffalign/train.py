@@ -37,8 +37,10 @@ def run(args) -> int:
 
 
 # The shipped toy models, in the order a quickstart looks for a method's recipe
-# (configs/quickstart/<model>/<method>.yaml): flow-only methods exist only under toy-flow.
-QUICKSTART_MODELS = ("toy-sd", "toy-flow")
+# (configs/quickstart/<model>/<method>.yaml): flow-only methods exist only under toy-flow;
+# toy-video (the toy Wan video model) comes last: it runs when named (`--model toy-video`) or for a
+# method that has a recipe only there.
+QUICKSTART_MODELS = ("toy-sd", "toy-flow", "toy-video")
 
 
 def quickstart_recipe(method: str, model: str | None) -> Path:
@@ -257,6 +259,8 @@ def train(cfg: TrainConfig, pipeline=None) -> dict:
         from diffalign.train_online import train_online
 
         return train_online(cfg, pipeline)
+    # shipped prompt lists (toy-data/...) resolve before validate reads them
+    cfg = replace(cfg, eval_prompts=resolve_shipped(cfg.eval_prompts))
     validate(cfg)
     cfg = replace(cfg, model=resolve_shipped(cfg.model), dataset=resolve_shipped(cfg.dataset))
     if cfg.resolution is None:
@@ -312,6 +316,10 @@ def run_training(cfg: TrainConfig, out: Path, resume_from: Path | None, pipeline
                            dtype=weight_dtype_for(cfg))
     if adapter.prediction_type == "flow":  # sigma ~ logit-normal(mean, std)
         adapter.logit_mean, adapter.logit_std = cfg.logit_mean, cfg.logit_std
+    if hasattr(adapter, "set_expert"):  # Wan 2.2: which expert trains (before LoRA goes in)
+        adapter.set_expert(cfg.expert)
+    elif cfg.expert != "auto":
+        raise DiffalignError(f"--expert {cfg.expert} is for two-expert video models (Wan 2.2), not {adapter.family}: unset it")
     hparams = objective_hparams(cfg, adapter)
     attention = set_attention(adapter.denoiser, cfg.attention)
 
@@ -779,4 +787,5 @@ def run_final_eval(cfg: TrainConfig, out: Path) -> dict:
         cfg.eval_num_images, cfg.seed, out / "eval", lora=None if cfg.full_finetune else str(out),
         num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, resolution=cfg.resolution,
         max_prompts=cfg.eval_max_prompts, baseline_cache=cfg.eval_baseline_cache,
+        num_frames=cfg.num_frames, fps=cfg.fps,  # video models: as many frames as the training videos
     )

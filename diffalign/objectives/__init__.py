@@ -33,10 +33,12 @@ OBJECTIVES = {
     "dpo": "diffalign.objectives.dpo",
     "mapo": "diffalign.objectives.mapo",
     "flow-dpo": "diffalign.objectives.flow_dpo",
+    "flow-rwr": "diffalign.objectives.flow_rwr",
     "sft": "diffalign.objectives.sft",
     "rankdpo": "diffalign.objectives.rankdpo",
     "dcpo": "diffalign.objectives.dcpo",
     "spo": "diffalign.objectives.spo",
+    "grpo": "diffalign.objectives.grpo",
 }
 
 
