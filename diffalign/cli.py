@@ -24,6 +24,7 @@ COMMANDS = {
     "label": ("diffalign.label", "build synthetic preference data: generate K images a prompt and rank them"),
     "cache": ("diffalign.cache", "encode a dataset's latents and text embeddings to disk once"),
     "captions": ("diffalign.captions", "add DCPO dual captions (one per image) to preference pairs or ranked lists"),
+    "train-spm": ("diffalign.train_spm", "train SPO's step-aware preference model on pairs noised through a base model"),
 }
 
 

@@ -12,6 +12,14 @@ PickScore's, `logit_scale.exp() * cosine(image, text)`, computed as the original
 `get_preference_score`: bicubic resize of the shortest side to 224 (no antialias), centre crop,
 clamp, OpenAI normalisation; the prompt padded to 77 tokens.
 
+Initialisation (the original's `init_adaln_paras`): from any CLIPModel in PickScore's layout
+(`SPMReward.from_clip`), every block's modulation starts with zero weights and a zero bias
+except the two gates (bias 1), the pooled modulation starts at zero, and the timestep MLP's
+weights are N(0, 0.02): shift = scale = 0, gate = 1 whatever t is, so a fresh SPM scores
+exactly as the CLIP it came from until training moves the modulation. `diffalign train-spm`
+trains it; `state_files` is what it saves (config.json, the tokenizer, the state dict in the
+original key layout), which `--reward spm@FOLDER` loads strictly.
+
 Weights: the released `sd-v1-5_step-aware_preference_model.bin` and
 `sdxl_step-aware_preference_model.bin` are torch state dicts of the original
 `StepAwarePreferenceModel` (keys `model.text_model.*`, `model.vision_model.*`,
@@ -52,6 +60,30 @@ from diffalign.rewards.base import (
 CONFIG_REPO = "yuvalkirstain/PickScore_v1"
 PROCESSOR_REPO = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 FREQUENCY_DIM = 256  # the timestep embedder's sinusoidal features (DiT's TimestepEmbedder)
+
+
+WEIGHTS_NAME = "step_aware_preference_model.safetensors"  # what `state_files` writes
+
+
+def check_clip_source(path: str) -> None:
+    """A local --init must be a CLIP folder (config.json of model_type clip, and weights); hub
+    ids are checked when they load. One line, before any model loads."""
+    import json
+
+    where = Path(path).expanduser()
+    if not where.exists():
+        if where.is_absolute() or path.startswith(".") or path.count("/") != 1:
+            raise DiffalignError(f"--init {path!r} not found: pass a PickScore-layout CLIP folder or hub id "
+                                 "(e.g. yuvalkirstain/PickScore_v1)")
+        return  # a hub id
+    config = where / "config.json"
+    kind = json.loads(config.read_text()).get("model_type") if config.is_file() and where.is_dir() else None
+    if kind != "clip":
+        found = f"model_type {kind!r}" if kind else "no config.json"
+        raise DiffalignError(f"--init {path!r} is not a CLIPModel folder ({found}): pass a PickScore-layout CLIP "
+                             "(config.json with model_type clip, its weights and tokenizer), e.g. toy-reward's folder")
+    if not any(where.glob("*.safetensors")) and not any(where.glob("*.bin")):
+        raise DiffalignError(f"--init {path!r} has no weights (.safetensors or .bin): pass the CLIP's full folder")
 
 
 def adaln(dim: int, chunks: int) -> nn.Sequential:
@@ -107,6 +139,23 @@ class TimeConditionedCLIP(nn.Module):
         pooled = vision.post_layernorm(h[:, 0])
         shift, scale = vision.adaLN_modulation(c).chunk(2, dim=1)
         return self.visual_projection(pooled * (1 + scale) + shift)
+
+    def init_adaln(self, generator: torch.Generator | None = None) -> None:
+        """The original's `init_adaln_paras`: gates 1, shifts and scales 0 at every t (a fresh SPM
+        is its CLIP), the timestep MLP's weights N(0, 0.02) and its biases 0."""
+        width = self.config.vision_config.hidden_size
+        with torch.no_grad():
+            for layer in self.vision_model.encoder.layers:
+                linear = layer.adaLN_modulation[-1]
+                linear.weight.zero_()
+                linear.bias.zero_()
+                linear.bias[2 * width: 3 * width] = 1  # gate_msa
+                linear.bias[5 * width:] = 1  # gate_mlp
+            self.vision_model.adaLN_modulation[-1].weight.zero_()
+            self.vision_model.adaLN_modulation[-1].bias.zero_()
+            for linear in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+                linear.weight.normal_(0, 0.02, generator=generator)
+                linear.bias.zero_()
 
     def text_features(self, input_ids: Tensor) -> Tensor:
         text = self.clip[0].get_text_features(input_ids=input_ids)
@@ -168,6 +217,57 @@ class SPMReward(nn.Module):
         size = clip_config.vision_config.image_size
         return cls(freeze(spm, device, dtype), tokenizer, size=size, name=name).eval()
 
+    @classmethod
+    def from_clip(cls, path: str, device: torch.device | str | None = None, *, seed: int = 0,
+                  name: str = "spm") -> "SPMReward":
+        """A trainable SPM initialised from a CLIPModel in PickScore's layout (a folder with
+        config.json, weights and tokenizer files, or a hub id such as yuvalkirstain/PickScore_v1;
+        a folder without tokenizer files takes the CLIP-H one): the CLIP's weights under `model.`,
+        the modulation as `init_adaln` (seeded), so its scores equal the CLIP's at any t."""
+        from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+
+        check_clip_source(path)
+        where = Path(path).expanduser()
+        local = where.is_dir()
+        try:
+            config = CLIPConfig.from_pretrained(str(where) if local else path)
+            clip = CLIPModel.from_pretrained(str(where) if local else path, dtype=torch.float32)
+        except (OSError, ValueError) as err:
+            raise DiffalignError(f"--init {path!r} is not a loadable CLIPModel ({str(err).splitlines()[0][:120]}): pass a "
+                                 "PickScore-layout CLIP folder or hub id (e.g. yuvalkirstain/PickScore_v1, toy-reward)") from None
+        has_tokenizer = local and any((where / f).is_file() for f in ("vocab.json", "tokenizer.json"))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(where) if has_tokenizer or not local else PROCESSOR_REPO)
+        except OSError:
+            raise DiffalignError(f"no tokenizer for --init {path!r}: put CLIP's tokenizer files (vocab.json, merges.txt) "
+                                 "in the folder") from None
+        spm = StepAwarePreferenceModel(config)
+        own = spm.model.state_dict()
+        state = {k: v for k, v in clip.state_dict().items() if not (k.endswith("position_ids") and k not in own)}
+        new = ("adaLN_modulation", "t_embedder")
+        load_state_dict_strict(spm.model, {**{k: v for k, v in own.items() if any(n in k for n in new)}, **state},
+                               f"--init {path}")
+        spm.model.init_adaln(torch.Generator().manual_seed(seed))
+        spm.to(device=torch.device(device or "cpu"), dtype=torch.float32)
+        return cls(spm, tokenizer, size=config.vision_config.image_size, name=name).eval()
+
+    def state_files(self, dtype: torch.dtype | None = None) -> dict[str, bytes]:
+        """{file name: bytes} of a folder `from_pretrained` (and `--reward spm@FOLDER`) loads:
+        config.json, the tokenizer files and the state dict in the original key layout
+        (`model.text_model.*`, `model.vision_model.*`, `model.t_embedder.*`, ...) as safetensors,
+        in `dtype` (default the weights' own; the loader upcasts to its dtype)."""
+        import tempfile
+
+        from safetensors.torch import save
+
+        state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in self.spm.state_dict().items()}
+        files = {"config.json": (self.spm.model.config.to_json_string(use_diff=False)).encode("utf-8")}
+        with tempfile.TemporaryDirectory() as tmp:
+            self.tokenizer.save_pretrained(tmp)
+            files.update({p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()})
+        files[WEIGHTS_NAME] = save(state)
+        return files
+
     def pixels(self, images: Tensor) -> Tensor:
         """(N, 3, H, W) in [0, 1] -> the model input, as the original's get_preference_score."""
         h, w = images.shape[-2:]
@@ -198,3 +298,19 @@ class SPMReward(nn.Module):
 
     def forward(self, images: ImageInput, prompts: PromptInput, *, t: Tensor | int = 0) -> Tensor:
         return self.score(images, prompts, t=t)
+
+
+def toy_spm(path: str | None = None, device: torch.device | str | None = None,
+            dtype: torch.dtype | None = None, **opts: Any) -> SPMReward:
+    """The toy world's SPM (assets/toy-spm): toy-reward's CLIP with the timestep modulation,
+    trained with `diffalign train-spm` on toy-sd's pairs (tools/toy/spm.py)."""
+    if path is None:
+        # As rewards/toy.py, the one exception to "rewards import only diffalign.errors": the asset path.
+        from diffalign.paths import asset
+
+        folder = asset("toy-spm")
+        if not (folder / "config.json").is_file():
+            raise DiffalignError(f"toy asset {str(folder)!r} is missing: build it from a clone with "
+                                 "`python -m tools.toy build --only toy-spm` or pass path=<folder>")
+        path = str(folder)
+    return SPMReward.from_pretrained(path, device, dtype, name=opts.pop("name", "toy-spm"), **opts)

@@ -136,7 +136,7 @@ def test_the_quickstart_recipe_runs_spo_on_toy_sd(tmp_path):
     from diffalign.train import quickstart_base
 
     base = quickstart_base(argparse.Namespace(method="spo", model=None, dataset=None, prompts=None, config=None))
-    assert (base.method, base.model, base.prompts, base.reward) == ("spo", "toy-sd", "toy", "toy-reward")
+    assert (base.method, base.model, base.prompts, base.reward) == ("spo", "toy-sd", "toy", "toy-spm")
     validate(base)
     out = tmp_path / "toy"
     result = train(replace(base, output_dir=str(out), max_steps=1, batch_size=1, rollout_prompts=1, num_candidates=2,

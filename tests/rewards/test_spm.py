@@ -150,3 +150,91 @@ def test_spm_loading_is_strict(spm_folder, tmp_path, change):
 def test_spm_without_weights_says_where_to_get_them():
     with pytest.raises(DiffalignError, match="spm@FILE"):
         load_reward("spm")
+
+
+# --------------------------------------------------------------------------- a fresh SPM from a CLIP
+def test_a_fresh_spm_scores_as_the_clip_it_came_from_at_any_t(hf_clip_folder):
+    """The original's init_adaln_paras: gates 1, shifts and scales 0, so SPM(image, prompt, t)
+    equals the CLIP's PickScore score for every t."""
+    from diffalign.rewards.spm import SPMReward
+
+    spm = SPMReward.from_clip(str(hf_clip_folder))
+    clip = load_reward("pickscore", path=str(hf_clip_folder))
+    images = torch.rand(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    prompts = ["a photo of a cat", "two red squares", "a dog on the left"]
+    expected = clip.score(images, prompts)
+    for t in (0, 1, 500, 999, torch.tensor([3, 400, 951])):
+        torch.testing.assert_close(spm.score(images, prompts, t=t), expected, atol=1e-4, rtol=1e-4)
+    width = spm.spm.model.config.vision_config.hidden_size
+    bias = spm.spm.model.vision_model.encoder.layers[0].adaLN_modulation[-1].bias
+    assert bias[2 * width: 3 * width].eq(1).all() and bias[5 * width:].eq(1).all() and bias[:2 * width].eq(0).all()
+    assert any(p.requires_grad for p in spm.parameters())  # trainable, unlike a loaded reward
+
+
+def test_t_changes_the_score_once_the_modulation_moves(hf_clip_folder):
+    from diffalign.rewards.spm import SPMReward
+
+    spm = SPMReward.from_clip(str(hf_clip_folder))
+    with torch.no_grad():
+        linear = spm.spm.model.vision_model.encoder.layers[1].adaLN_modulation[-1]
+        linear.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    images, prompts = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(2)), ["a cat", "a dog"]
+    early, late = spm.score(images, prompts, t=10), spm.score(images, prompts, t=900)
+    assert (early - late).abs().min() > 1e-3
+
+
+def test_saved_state_files_load_back_strictly_in_the_original_layout(hf_clip_folder, tmp_path):
+    from safetensors.torch import load_file
+
+    from diffalign.rewards.spm import WEIGHTS_NAME, SPMReward
+
+    spm = SPMReward.from_clip(str(hf_clip_folder), seed=3)
+    with torch.no_grad():  # a trained SPM: the modulation is no longer the identity
+        for p in spm.spm.model.vision_model.adaLN_modulation.parameters():
+            p.normal_(0, 0.1, generator=torch.Generator().manual_seed(4))
+    for name, data in spm.state_files().items():
+        (tmp_path / name).write_bytes(data)
+    state = load_file(str(tmp_path / WEIGHTS_NAME))
+    assert {k.split(".")[1] for k in state} == {"text_model", "vision_model", "visual_projection", "text_projection",
+                                                 "logit_scale", "t_embedder"} and all(k.startswith("model.") for k in state)
+    loaded = load_reward("spm", path=str(tmp_path))
+    images, prompts = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(5)), ["a cat", "a dog"]
+    t = torch.tensor([100, 800])
+    torch.testing.assert_close(loaded.score(images, prompts, t=t), spm.score(images, prompts, t=t).detach())
+    from transformers import CLIPConfig
+
+    expected = reference_score({k: v for k, v in state.items()}, CLIPConfig.from_pretrained(str(tmp_path)), images,
+                               loaded.tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
+                                                return_tensors="pt").input_ids, t)
+    torch.testing.assert_close(loaded.score(images, prompts, t=t), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["missing", "not-clip", "no-weights"])
+def test_init_that_is_not_a_clip_is_one_line(tmp_path, kind):
+    import json
+
+    from diffalign.rewards.spm import SPMReward
+
+    folder = tmp_path / "init"
+    if kind != "missing":
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"model_type": "unet" if kind == "not-clip" else "clip"}))
+    expected = {"missing": "not found", "not-clip": "not a CLIPModel folder", "no-weights": "has no weights"}[kind]
+    with pytest.raises(DiffalignError, match=expected):
+        SPMReward.from_clip(str(folder))
+
+
+def test_toy_spm_is_registered_and_loads_the_shipped_asset():
+    from diffalign.paths import asset
+    from diffalign.rewards import REWARDS
+
+    assert REWARDS["toy-spm"] == "diffalign.rewards.spm:toy_spm"
+    if not (asset("toy-spm") / "config.json").is_file():
+        pytest.skip("assets/toy-spm is not built")
+    reward = load_reward("toy-spm")
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    scores = reward.score(images, ["one small red circle on the left on a white background"] * 2, t=torch.tensor([0, 750]))
+    assert scores.shape == (2,) and torch.isfinite(scores).all()
+    # trained from toy-reward: the same at no t any more (the modulation moved)
+    toy_reward = load_reward("toy-reward").score(images, ["a red circle"] * 2)
+    assert (reward.score(images, ["a red circle"] * 2, t=950) - toy_reward).abs().max() > 1e-2

@@ -11,6 +11,7 @@ Builders, in order (each reads only what the earlier ones wrote):
   vae                     the shared autoencoder, kept in --work (generators.py)
   toy-sd, toy-flow        the base generators (generators.py)
   toy-data                prompt lists and preference data from both generators (preference_data.py)
+  toy-spm                 the step-aware preference model of SPO, trained on toy-sd's pairs (spm.py)
 
 Every random draw is seeded, so a CPU rebuild gives the same assets every time; a GPU
 rebuild is the same recipe but not bit-identical (different kernels). Metrics land in
@@ -28,7 +29,7 @@ import torch
 
 from diffalign.errors import DiffalignError
 
-BUILDERS = ("toy-reward", "toy-judge", "vae", "toy-sd", "toy-flow", "toy-data")
+BUILDERS = ("toy-reward", "toy-judge", "vae", "toy-sd", "toy-flow", "toy-data", "toy-spm")
 # toy-data: every training prompt, best and worst of 8 samples (plus two between, for the K=4
 # ranked lists). 15,552 samples: minutes on a GPU, about 1.7 hours on a 2-core CPU.
 CANDIDATES = 8
@@ -69,6 +70,10 @@ def run_builder(name: str, out: Path, work: Path, device: torch.device, smoke: b
         return {**metrics, "vocab_size": trim_asset(out / name)}
     if name == "vae":
         return generators.train_vae(work / "vae", spec, device)
+    if name == "toy-spm":
+        from tools.toy.spm import build_toy_spm
+
+        return build_toy_spm(out, work, device, smoke)
     if name in ("toy-sd", "toy-flow"):
         require(work / "vae" / "config.json", "vae")
         train = generators.train_toy_sd if name == "toy-sd" else generators.train_toy_flow
