@@ -310,13 +310,89 @@ def grid_sheet(baseline: torch.Tensor, model: torch.Tensor, num_images: int, pro
 
 def format_table(results: dict) -> str:
     lines = [f"{'reward':<14}{'model':>20}{'baseline':>20}   win rate [95% CI]"]
-    for name, r in results["rewards"].items():
-        m, b = r["model"], r["baseline"]
-        lo, hi = r["win_rate_ci"]
-        lines.append(f"{name:<14}{m['reward_mean']:>11.3f} ± {m['reward_std']:<6.3f}{b['reward_mean']:>11.3f} ± {b['reward_std']:<6.3f}"
-                     f"   {r['win_rate']:.3f} [{lo:.3f}, {hi:.3f}]")
+    for name, reward in results["rewards"].items():
+        # video rewards with VideoReward's dimensions: a line for each (VQ, MQ, TA) under the overall
+        for label, r in [(name, reward)] + [(f"  {dim}", v) for dim, v in reward.get("dimensions", {}).items()]:
+            m, b = r["model"], r["baseline"]
+            lo, hi = r["win_rate_ci"]
+            lines.append(f"{label:<14}{m['reward_mean']:>11.3f} ± {m['reward_std']:<6.3f}{b['reward_mean']:>11.3f} ± "
+                         f"{b['reward_std']:<6.3f}   {r['win_rate']:.3f} [{lo:.3f}, {hi:.3f}]")
     lines.append(f"{results['num_prompts']} prompts x {results['images_per_prompt']} images, seed {results['seed']}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ videos
+
+VIDEO_FPS = 16  # frame rate of the written mp4s when none is given: Wan's own export rate
+
+
+def write_eval_videos(out: Path, baseline: torch.Tensor, model: torch.Tensor, fps: float, processes) -> dict[str, list[str]]:
+    """Every video as mp4 under OUT/videos/{baseline,model}/ (the main process writes, the others
+    wait); {"baseline": [paths], "model": [paths]}, in the order of the prompts and seeds."""
+    from diffalign.plots import mp4_bytes
+
+    files: dict[str, list[str]] = {}
+    for side, videos in (("baseline", baseline), ("model", model)):
+        folder = out / "videos" / side
+        names = [f"{i:05d}.mp4" for i in range(len(videos))]
+        if processes.main:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_files(folder, {name: mp4_bytes(video, fps) for name, video in zip(names, videos)}, "the evaluation video")
+        files[side] = [str(folder / name) for name in names]
+    processes.barrier()
+    return files
+
+
+@torch.no_grad()
+def score_video_files(reward, paths: list[str], prompts: list[str], batch_size: int) -> dict[str, list[float]]:
+    """{"score": [...]} for the files, plus each dimension of a reward with `score_dimensions`
+    (VideoReward's VQ, MQ, TA; its Overall is the score)."""
+    out: dict[str, list[float]] = {}
+    for start in range(0, len(paths), batch_size):
+        batch, text = paths[start : start + batch_size], prompts[start : start + batch_size]
+        if hasattr(reward, "score_dimensions"):
+            parts = reward.score_dimensions(batch, text)
+            parts = {"score": parts.pop("Overall"), **parts}
+        else:
+            parts = {"score": reward.score(batch, text)}
+        for key, values in parts.items():
+            out.setdefault(key, []).extend(values.float().cpu().tolist())
+    return out
+
+
+def score_videos_shared(reward, files: dict[str, list[str]], prompts: list[str], batch_size: int, processes):
+    """(model scores, baseline scores, {dimension: {"model": [...], "baseline": [...]}}), the
+    batches dealt to the processes."""
+    sides = {}
+    for side in ("model", "baseline"):
+        parts = [(start, score_video_files(reward, files[side][start:stop], prompts[start:stop], batch_size))
+                 for start, stop in in_batches(len(prompts), batch_size, processes)]
+        gathered = gather_batches(parts, processes)
+        sides[side] = {key: [v for part in gathered for v in part[key]] for key in gathered[0]}
+    dimensions = {key: {side: sides[side][key] for side in sides} for key in sides["model"] if key != "score"}
+    return sides["model"]["score"], sides["baseline"]["score"], dimensions
+
+
+def write_video_outputs(out: Path, results: dict, rows: list[dict], files: dict[str, list[str]], baseline: torch.Tensor,
+                        model: torch.Tensor, num_images: int, prompts: list[str], per_image: dict, fps: float,
+                        verbose: bool) -> dict:
+    """eval.json, scores.jsonl (with each row's two mp4 files) and grid.gif: the evaluation grid
+    (prompts as rows, base and trained twins side by side, scores under them), one sheet per frame."""
+    from diffalign.plots import gif_bytes
+
+    for i, row in enumerate(rows):
+        row["videos"] = {side: str(Path(files[side][i]).relative_to(out)) for side in ("baseline", "model")}
+    first = next(iter(per_image), None)
+    sheets = [grid_sheet(baseline[:, f], model[:, f], num_images, prompts=prompts, scores=per_image.get(first),
+                         reward_name=first, tile=128) for f in range(model.shape[1])]
+    write_files(out, {"eval.json": (json.dumps(results, indent=2) + "\n").encode(),
+                      "scores.jsonl": "".join(json.dumps(row) + "\n" for row in rows).encode(),
+                      "grid.gif": gif_bytes(sheets, fps)}, "the evaluation file")
+    if verbose:
+        print(format_table(results))
+        print(f"wrote {out / 'eval.json'}, {out / 'scores.jsonl'}, {out / 'grid.gif'} and {len(rows) * 2} videos "
+              f"under {out / 'videos'}")
+    return results
 
 
 # ------------------------------------------------------------------------------ baseline cache
@@ -387,7 +463,8 @@ def evaluate(model: Any, baseline: Any, prompts: list[str] | str, rewards: Any, 
              output_dir: str | Path, *, lora: str | None = None, num_inference_steps: int | None = None,
              guidance_scale: float | None = None, resolution: int | None = None, batch_size: int = 8,
              max_prompts: int | None = None, device: str | None = None, dtype: str | torch.dtype = "fp32",
-             verbose: bool = True, baseline_cache: str | Path | bool = True, processes=None) -> dict:
+             verbose: bool = True, baseline_cache: str | Path | bool = True, processes=None,
+             num_frames: int | None = None, fps: float | None = None) -> dict:
     """Generate `num_images` per prompt with `model` (plus `lora`) and `baseline`, same seeds,
     score with `rewards`, write eval.json + scores.jsonl + grid.png to `output_dir`, return the
     eval.json dict. `model`/`baseline` are names, paths or loaded pipelines; baseline None means
@@ -398,7 +475,11 @@ def evaluate(model: Any, baseline: Any, prompts: list[str] | str, rewards: Any, 
     `baseline_cache`: True (the default folder), a folder, or False (always draw the baseline).
     `processes` (diffalign.processes, from `accelerate launch`): every process draws and scores
     its share of the batches, each on its own device; all of them get every image and score, and
-    the main process writes the files, the same as one process would."""
+    the main process writes the files, the same as one process would.
+    Video models (`num_frames`: frames per video, None for the pipeline's default): every video
+    is written as mp4 (OUT/videos/{baseline,model}/NNNNN.mp4 at `fps`, default VIDEO_FPS) and
+    scored from those files; rewards with VideoReward's dimensions report VQ/MQ/TA beside their
+    overall score; the grid is OUT/grid.gif (`write_video_outputs`)."""
     from diffalign.processes import Processes
 
     procs = processes or Processes()
@@ -431,6 +512,8 @@ def evaluate(model: Any, baseline: Any, prompts: list[str] | str, rewards: Any, 
         call_kwargs["guidance_scale"] = guidance_scale
     if resolution is not None:
         call_kwargs["height"] = call_kwargs["width"] = resolution
+    if num_frames is not None:
+        call_kwargs["num_frames"] = num_frames
     all_prompts = [p for p in prompt_list for _ in range(num_images)]
     seeds = image_seeds(len(prompt_list), num_images, seed)
     prompt_ids = [i for i in range(len(prompt_list)) for _ in range(num_images)]
@@ -476,16 +559,29 @@ def evaluate(model: Any, baseline: Any, prompts: list[str] | str, rewards: Any, 
         "rewards": {},
     }
     per_image: dict[str, dict[str, list[float]]] = {}
+    video_files = write_eval_videos(out, baseline_images, model_images, fps or VIDEO_FPS, procs) \
+        if model_images.ndim == 5 else None
     for name, reward in load_rewards(reward_items, torch_device).items():
-        m = score_shared(reward, model_images, all_prompts, batch_size, torch_device, procs)
-        b = score_shared(reward, baseline_images, all_prompts, batch_size, torch_device, procs)
+        if video_files is None:
+            m = score_shared(reward, model_images, all_prompts, batch_size, torch_device, procs)
+            b = score_shared(reward, baseline_images, all_prompts, batch_size, torch_device, procs)
+            dimensions = {}
+        else:
+            m, b, dimensions = score_videos_shared(reward, video_files, all_prompts, batch_size, procs)
         results["rewards"][name] = summarise(m, b, prompt_ids, seed=seed)
         per_image[name] = {"model": m, "baseline": b}
+        if dimensions:
+            results["rewards"][name]["dimensions"] = {dim: summarise(v["model"], v["baseline"], prompt_ids, seed=seed)
+                                                      for dim, v in dimensions.items()}
+            per_image.update({f"{name}.{dim}": v for dim, v in dimensions.items()})
 
     if not procs.main:  # every process holds the results; the main process writes them
         return results
     rows = [{"prompt": prompt, "seed": s, **{n: {k: v[i] for k, v in d.items()} for n, d in per_image.items()}}
             for i, (prompt, s) in enumerate(zip(all_prompts, seeds))]
+    if video_files is not None:
+        return write_video_outputs(out, results, rows, video_files, baseline_images, model_images, num_images,
+                                   prompt_list, per_image, fps or VIDEO_FPS, verbose)
     from diffalign.plots import png_bytes
 
     first = next(iter(per_image), None)  # the grid shows the first reward's scores
@@ -517,6 +613,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", type=int, default=None, help="image height = width (default: the pipeline's)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
     parser.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
+    parser.add_argument("--num-frames", type=int, default=None,
+                        help="video models: frames per video (default: the pipeline's; Wan: 1 + 4k)")
+    parser.add_argument("--fps", type=float, default=None, help=f"video models: frame rate of the written mp4s (default {VIDEO_FPS})")
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     parser.add_argument("--dtype", default="fp32", help="pipeline dtype: fp32 | fp16 | bf16")
     parser.add_argument("--baseline-cache", default=None,
@@ -531,6 +630,7 @@ def run(args: argparse.Namespace) -> int:
              lora=args.lora, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
              resolution=args.resolution,
              batch_size=args.batch_size, max_prompts=args.max_prompts, device=args.device, dtype=args.dtype,
+             num_frames=args.num_frames, fps=args.fps,
              baseline_cache=False if args.no_baseline_cache else (args.baseline_cache or True),
              processes=launched())
     return 0

@@ -45,6 +45,14 @@ same dataset as one process. A run may be resumed with another number of process
 
 Dual captions (DCPO): `--captions caption|perturb|hybrid` adds caption_0/caption_1 to the pairs
 (see diffalign/captions.py for the strategies and `diffalign captions` for existing data).
+
+Videos (`--num-frames F` with a video pipeline, e.g. Wan): the same Syn-Pic recipe with K videos
+a prompt, written as D/videos/000012_03.mp4 (at `--fps`) and scored from those files (what a
+reward scores is what is saved); ranked.jsonl lists the mp4s under "images" (with "dimensions":
+each VideoReward-style reward's VQ/MQ/TA), and the pairs go to D/pairs.csv in VideoAlign's schema
+(path_A = chosen, path_B = rejected, VQ/MQ/TA labels A|B|same from the first reward that has those
+dimensions, else A, fps_*, num_frames_*, reward_A/reward_B = the ranking scores), which
+`diffalign train --dataset D/pairs.csv --num-frames F` reads. D/samples.gif replaces samples.png.
 """
 
 from __future__ import annotations
@@ -88,11 +96,13 @@ class LabelConfig:
     paraphraser: str | None = None
     caption_prompt: str | None = None
     perturb_strength: str = "medium"
+    num_frames: int | None = None  # video pipelines: frames a video (None: images)
+    fps: float = 16.0  # video pipelines: frame rate of the written mp4s
 
     def identity(self) -> dict[str, Any]:
         """The settings that decide the content of the rows: a resumed run must match them."""
         keep = ("model", "prompts", "num_images", "seed", "batch_size", "num_inference_steps", "guidance_scale",
-                "resolution", "rank_by", "dtype")
+                "resolution", "rank_by", "dtype", "num_frames")
         out = {k: v for k, v in asdict(self).items() if k in keep}
         out["rewards"] = [str(spec) for spec in parse_reward_specs(self.rewards)]
         # The prompt list itself, not the file's path: moving the file is fine, editing it is not.
@@ -185,8 +195,10 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], cfg: LabelConfig
         kwargs["guidance_scale"] = cfg.guidance_scale
     if cfg.resolution is not None:
         kwargs["height"] = kwargs["width"] = cfg.resolution
-    images = generate(pipe, prompts, seeds=seeds, **kwargs)  # (N, 3, H, W) in [0, 1]
-    images = images.permute(0, 2, 3, 1).float().cpu().numpy()
+    if cfg.num_frames is not None:
+        kwargs["num_frames"] = cfg.num_frames
+    images = generate(pipe, prompts, seeds=seeds, **kwargs)  # (N, 3, H, W) in [0, 1]; videos (N, F, 3, H, W)
+    images = images.movedim(-3, -1).float().cpu().numpy()  # videos: uint8 (N, F, H, W, 3)
     return (np.clip(images, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
@@ -250,6 +262,9 @@ def label_chunk(pipe, rewards, prompts: list[str], chunk: list[int], cfg: LabelC
         if _row_path(out, p).exists():
             continue  # done in an earlier run; this chunk was only regenerated to keep batches equal
         mine = pixels[n * k : (n + 1) * k]
+        if mine[0].ndim == 4:  # videos
+            written += label_videos(rewards, p, prompts[p], mine, cfg, out, timing, weights)
+            continue
         start = time.perf_counter()
         scores = score_images(rewards, np.stack(mine), [prompts[p]] * k)
         timing["reward"] += time.perf_counter() - start
@@ -260,6 +275,107 @@ def label_chunk(pipe, rewards, prompts: list[str], chunk: list[int], cfg: LabelC
         atomic_write_text(_row_path(out, p), json.dumps(row))
         written += 1
     return written
+
+
+def label_videos(rewards: dict[str, Any], p: int, prompt: str, videos: list, cfg: LabelConfig, out: Path,
+                 timing: dict[str, float], weights: list[float] | None) -> int:
+    """Write one prompt's videos as mp4, score the files, write its row (with each reward's
+    VideoReward-style dimensions, when it has them, under "dimensions")."""
+    import torch
+
+    from diffalign.plots import mp4_bytes
+
+    files = [f"videos/{p:06d}_{i:02d}.mp4" for i in range(len(videos))]
+    (out / "videos").mkdir(exist_ok=True)
+    for file, video in zip(files, videos):
+        atomic_write_bytes(out / file, mp4_bytes(video, cfg.fps))
+    start = time.perf_counter()
+    scores, dimensions = {}, {}
+    with torch.no_grad():
+        for name, reward in rewards.items():
+            paths, text = [str(out / f) for f in files], [prompt] * len(files)
+            if hasattr(reward, "score_dimensions"):
+                parts = {key: value.float().cpu().tolist() for key, value in reward.score_dimensions(paths, text).items()}
+                scores[name] = parts.pop("Overall")
+                dimensions[name] = parts
+            else:
+                scores[name] = reward.score(paths, text).float().cpu().tolist()
+    timing["reward"] += time.perf_counter() - start
+    row = make_row(p, prompt, [image_seed(cfg.seed, p, i) for i in range(len(files))], files, scores, cfg, weights)
+    order = [files.index(f) for f in row["images"]]
+    if dimensions:
+        row["dimensions"] = {name: {dim: [v[i] for i in order] for dim, v in parts.items()} for name, parts in dimensions.items()}
+    row["fps"], row["num_frames"] = cfg.fps, int(videos[0].shape[0])
+    atomic_write_text(_row_path(out, p), json.dumps(row))
+    return 1
+
+
+VIDEO_PAIR_COLUMNS = ("path_A", "path_B", "prompt", "VQ", "MQ", "TA", "fps_A", "num_frames_A", "fps_B", "num_frames_B",
+                      "reward_A", "reward_B")
+
+
+def video_pair_rows(rows: list[dict[str, Any]], cfg: LabelConfig) -> list[dict[str, Any]]:
+    """VideoAlign's CSV rows: the chosen video is A; each dimension's label from the first reward
+    with dimensions (A, B or same), else A for all three."""
+    records = []
+    for row in rows:
+        values = row.get("weighted_scores", row["scores"])
+        dims = next(iter(row.get("dimensions", {}).values()), None)
+        for w, l in select_pairs(values, cfg.pairs, cfg.margin):
+            record = {"path_A": row["images"][w], "path_B": row["images"][l], "prompt": row["prompt"]}
+            for dim in ("VQ", "MQ", "TA"):
+                a, b = (dims[dim][w], dims[dim][l]) if dims and dim in dims else (1.0, 0.0)
+                record[dim] = "A" if a > b else "B" if b > a else "same"
+            for side in ("A", "B"):
+                record[f"fps_{side}"], record[f"num_frames_{side}"] = row["fps"], row["num_frames"]
+            record["reward_A"], record["reward_B"] = values[w], values[l]
+            records.append(record)
+    return records
+
+
+def write_video_pairs(out: Path, records: list[dict[str, Any]]) -> Path:
+    import csv
+
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=VIDEO_PAIR_COLUMNS)
+    writer.writeheader()
+    writer.writerows(records)
+    return atomic_write_text(out / "pairs.csv", text.getvalue())
+
+
+def write_video_sample_sheet(out: Path, rows: list[dict[str, Any]], cfg: LabelConfig) -> Path | None:
+    """OUT/samples.gif: samples.png's sheet (best first, scores, chosen green, rejected red), one
+    sheet a frame."""
+    import numpy as np
+
+    from diffalign.plots import Tile, gif_bytes, image_sheet
+    from diffalign.rewards.videoreward import decode_video
+
+    shown = rows[:SAMPLE_PROMPTS]
+    if not shown:
+        return None
+    k = min(SAMPLE_IMAGES, max(len(row["images"]) for row in shown))
+    frames = {file: np.stack([f.to_ndarray(format="rgb24") for f in decode_video(out / file)[0]])
+              for row in shown for file in row["images"][:k]}
+    length = min(len(v) for v in frames.values())
+    sheets = []
+    for t in range(length):
+        sheet, titles = [], []
+        for row in shown:
+            pairs = select_pairs(row.get("weighted_scores", row["scores"]), cfg.pairs, cfg.margin)
+            chosen, rejected = {w for w, _ in pairs}, {l for _, l in pairs}
+            tiles = []
+            for i, file in enumerate(row["images"][:k]):
+                mark = "chosen" if i in chosen else "rejected" if i in rejected else None
+                caption = [f"{name} {values[i]:.3f}" for name, values in row["rewards"].items()]
+                caption.append(f"rank {row['ranks'][i]}, psi {row['scores'][i]:.2f}")
+                tiles.append(Tile(frames[file][t], caption, mark))
+            sheet.append(tiles)
+            titles.append(f"{row['index'] + 1}. {row['prompt']} ({len(pairs)} pair{'s' * (len(pairs) != 1)})")
+        sheets.append(image_sheet(sheet, row_titles=titles, tile=128, title=(
+            f"samples: {len(shown)} of {len(rows)} prompts, videos best first (--rank-by {cfg.rank_by}); "
+            f"--pairs {cfg.pairs}: chosen framed green, rejected red")))
+    return atomic_write_bytes(out / "samples.gif", gif_bytes(sheets, cfg.fps))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,6 +489,12 @@ def validate(cfg: LabelConfig) -> None:
         raise DiffalignError("--margin must be >= 0")
     if cfg.captions not in (None, "caption", "perturb", "hybrid"):
         raise DiffalignError(f"unknown --captions {cfg.captions!r}: choose caption, perturb or hybrid")
+    if cfg.num_frames is not None and cfg.num_frames < 1:
+        raise DiffalignError(f"--num-frames {cfg.num_frames} must be at least 1 (Wan: 1 + 4k, e.g. 33)")
+    if cfg.fps <= 0:
+        raise DiffalignError(f"--fps {cfg.fps} must be positive")
+    if cfg.num_frames is not None and cfg.captions:
+        raise DiffalignError("--captions describes images: leave it out with --num-frames (videos)")
     if cfg.captions in ("caption", "hybrid") and not cfg.captioner:
         raise DiffalignError(f"--captions {cfg.captions} needs a captioning model: pass --captioner HUB_ID_OR_PATH")
 
@@ -420,15 +542,20 @@ def label(cfg: LabelConfig, pipe=None, processes=None) -> dict[str, Any]:
         return {"prompts_labelled": made, "main_process": False}
     rows = read_rows(out)
     ranked = write_ranked(out, rows)
-    records = pair_records(out, rows, cfg)
-    if cfg.captions:
-        from diffalign.captions import caption_pairs
+    if cfg.num_frames is not None:  # videos: VideoAlign's CSV instead of Pick-a-Pic's parquet
+        records = video_pair_rows(rows, cfg)
+        pairs = write_video_pairs(out, records)
+        write_video_sample_sheet(out, rows, cfg)
+    else:
+        records = pair_records(out, rows, cfg)
+        if cfg.captions:
+            from diffalign.captions import caption_pairs
 
-        records = caption_pairs(records, cfg.captions, captioner=cfg.captioner, paraphraser=cfg.paraphraser,
-                                seed=cfg.seed, device=cfg.device, strength=cfg.perturb_strength,
-                                caption_prompt=cfg.caption_prompt)
-    pairs = write_pairs(out, records)
-    write_sample_sheet(out, rows, cfg)
+            records = caption_pairs(records, cfg.captions, captioner=cfg.captioner, paraphraser=cfg.paraphraser,
+                                    seed=cfg.seed, device=cfg.device, strength=cfg.perturb_strength,
+                                    caption_prompt=cfg.caption_prompt)
+        pairs = write_pairs(out, records)
+        write_sample_sheet(out, rows, cfg)
     stats = {
         "prompts_labelled": made,
         "images": made * cfg.num_images,
@@ -476,6 +603,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--caption-prompt", default=None, help="text prompt for chat-style captioners")
     parser.add_argument("--perturb-strength", choices=("weak", "medium", "strong"), default="medium",
                         help="rule-based perturbation: 1, 2 or 3 word edits")
+    parser.add_argument("--num-frames", type=int, default=None,
+                        help="video pipelines: frames a video (Wan: 1 + 4k); writes mp4s and VideoAlign's pairs.csv")
+    parser.add_argument("--fps", type=float, default=16.0, help="video pipelines: frame rate of the written mp4s")
 
 
 def config_from_args(args: argparse.Namespace) -> LabelConfig:
@@ -487,6 +617,7 @@ def config_from_args(args: argparse.Namespace) -> LabelConfig:
         rank_by=args.rank_by,
         device=args.device, dtype=args.dtype, captions=args.captions, captioner=args.captioner,
         paraphraser=args.paraphraser, caption_prompt=args.caption_prompt, perturb_strength=args.perturb_strength,
+        num_frames=args.num_frames, fps=args.fps,
     )
 
 

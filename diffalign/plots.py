@@ -189,3 +189,58 @@ def _wrap(text: str, font, width: int, max_lines: int) -> list[str]:
     if len(lines) > max_lines:
         lines = lines[: max_lines - 1] + [_fit(" ".join(lines[max_lines - 1 :]), font, width)]
     return [_fit(line, font, width) for line in lines]
+
+
+# ------------------------------------------------------------------------------ videos
+
+
+def video_frames_uint8(video: Any):
+    """(F, 3, H, W) tensor (uint8, or float in [0, 1]) or (F, H, W, 3) uint8 array -> (F, H, W, 3) uint8 array."""
+    import numpy as np
+
+    if isinstance(video, torch.Tensor):
+        array = video.detach().cpu()
+        if array.dtype != torch.uint8:
+            array = (array.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        return array.permute(0, 2, 3, 1).contiguous().numpy()
+    return np.ascontiguousarray(video, dtype=np.uint8)
+
+
+def mp4_bytes(video: Any, fps: float) -> bytes:
+    """A video as H.264 mp4 bytes (yuv420p, what every player reads; odd sizes padded by one
+    pixel, as yuv420p needs even ones), for an atomic write. PyAV (`pip install diffalign[video]`)."""
+    import io
+    from fractions import Fraction
+
+    import numpy as np
+
+    try:
+        import av
+    except ImportError:
+        from diffalign.errors import DiffalignError
+
+        raise DiffalignError("writing mp4 needs PyAV: pip install 'diffalign[video]'") from None
+    frames = video_frames_uint8(video)
+    frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)), mode="edge")
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "12"}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def gif_bytes(frames: Sequence[Any], fps: float) -> bytes:
+    """PIL images (or anything `image_sheet` tiles take) as a looping GIF."""
+    import io
+
+    images = [frame if hasattr(frame, "save") else _pil(frame, max(frame.shape[-2:])) for frame in frames]
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+    return buffer.getvalue()

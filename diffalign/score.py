@@ -109,6 +109,8 @@ def load_rows(rows: list[dict[str, str]], skip_bad: bool) -> tuple[list[dict[str
 
 
 def score_all(rewards: dict[str, Any], images: list[Any], prompts: list[str], batch_size: int) -> dict[str, list[float]]:
+    """{name: scores}; a video reward with VideoReward's dimensions (`score_dimensions`) adds
+    "NAME.VQ", "NAME.MQ", "NAME.TA" beside its overall score."""
     import torch
     from tqdm.auto import tqdm
 
@@ -118,7 +120,13 @@ def score_all(rewards: dict[str, Any], images: list[Any], prompts: list[str], ba
         for start in tqdm(starts, desc="scoring", unit="batch", disable=len(starts) < 2, file=sys.stderr):
             batch, batch_prompts = images[start : start + batch_size], prompts[start : start + batch_size]
             for name, reward in rewards.items():
-                scores[name].extend(reward.score(batch, batch_prompts).tolist())
+                if hasattr(reward, "score_dimensions"):
+                    parts = reward.score_dimensions(batch, batch_prompts)
+                    scores[name].extend(parts.pop("Overall").tolist())
+                    for dim, values in parts.items():
+                        scores.setdefault(f"{name}.{dim}", []).extend(values.tolist())
+                else:
+                    scores[name].extend(reward.score(batch, batch_prompts).tolist())
     return scores
 
 
@@ -159,8 +167,8 @@ def run(args: argparse.Namespace) -> int:
     specs = parse_reward_specs(args.reward)  # every check before the first reward model loads
     options = parse_options(args.reward_opt, [spec.name for spec in specs])
     rewards = load_rewards(specs, device=args.device, dtype=dtype, options=options)
-    names = list(rewards)
     scores = score_all(rewards, images, [r["prompt"] for r in rows], args.batch_size)
+    names = list(scores)
     records = [{**row, **{n: scores[n][i] for n in names}} for i, row in enumerate(rows)]
     print(format_table(records, names))
     if args.output_file:

@@ -41,6 +41,9 @@ REWARDS: dict[str, Any] = {
     "spm": "diffalign.rewards.spm:SPMReward.from_pretrained",
     "toy-reward": "diffalign.rewards.toy:toy_reward",
     "toy-judge": "diffalign.rewards.toy:toy_judge",
+    "toy-video-reward": "diffalign.rewards.toy_video:toy_video_reward",
+    "toy-video-judge": "diffalign.rewards.toy_video:toy_video_judge",
+    "toy-spm": "diffalign.rewards.spm:toy_spm",
 }
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
