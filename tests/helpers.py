@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -104,3 +107,31 @@ def random_pil(width: int, height: int, seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
     coarse = rng.integers(0, 256, size=(max(height // 16, 2), max(width // 16, 2), 3), dtype=np.uint8)
     return Image.fromarray(coarse).resize((width, height), Image.BILINEAR)
+
+
+# --------------------------------------------------------------------------- the CLI in a subprocess
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli_command(flags: list[str], processes: int = 1) -> list[str]:
+    """`python -m diffalign.cli FLAGS`, or the same under `accelerate launch` with 2 CPU
+    processes (gloo, configs/accelerate/cpu2.yaml)."""
+    if processes == 1:
+        return [sys.executable, "-m", "diffalign.cli", *flags]
+    assert processes == 2, "configs/accelerate/cpu2.yaml launches 2 processes"
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(REPO / "configs/accelerate/cpu2.yaml"), "-m", "diffalign.cli", *flags]
+
+
+def run_cli(cmd: list[str], timeout: int = 280) -> str:
+    """Run a command with one torch thread in every process (so one and two processes compute
+    with the same kernels) and tests/ importable (`--reward helpers:brightness`); its stdout."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def metrics_rows(out: Path) -> list[dict]:
+    """A run folder's metrics.jsonl, one dict a logged step."""
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]

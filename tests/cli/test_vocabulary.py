@@ -34,9 +34,9 @@ def test_no_command_spells_a_shared_concept_two_ways(cli_docs):
         flags = cli_docs.flags(parser)
         assert not flags & {"--output", "--steps", "--guidance", "--path", "--reward-path"}, name
     # every command that writes a folder, samples or scores uses the one spelling
-    for flag, users in {"--output-dir": {"train", "eval", "label", "cache", "reno"},
+    for flag, users in {"--output-dir": {"train", "train-spm", "eval", "label", "cache", "reno"},
                         "--num-inference-steps": {"train", "eval", "label", "reno"},
-                        "--guidance-scale": {"train", "eval", "label", "reno"},
+                        "--guidance-scale": {"train", "train-spm", "eval", "label", "reno"},
                         "--reward": {"train", "eval", "label", "reno", "score"},
                         "--dtype": {"eval", "label", "reno", "score", "cache"}}.items():
         assert {name for name, p in parsers.items() if flag in cli_docs.flags(p)} == users, flag

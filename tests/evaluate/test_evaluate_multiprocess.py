@@ -2,15 +2,12 @@
 scores.jsonl and grid as one process; the baseline cache works across process counts."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from diffalign.evaluate import in_batches
 from diffalign.processes import Processes
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers import cli_command, run_cli
 
 
 def test_batches_are_dealt_to_the_processes_in_turn():
@@ -24,17 +21,7 @@ def eval_cmd(model: str, baseline: str, prompts: Path, out: Path, processes: int
              "helpers:redness,helpers:brightness", "--num-images", "2", "--seed", "3", "--output-dir", str(out),
              "--num-inference-steps", "2", "--guidance-scale", "3", "--resolution", "32", "--batch-size", "4"]
     flags += ["--baseline-cache", cache] if cache else ["--no-baseline-cache"]
-    if processes == 1:
-        return [sys.executable, "-m", "diffalign.cli", *flags]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(REPO / "configs/accelerate/cpu2.yaml"), "-m", "diffalign.cli", *flags]
-
-
-def run(cmd: list[str]) -> str:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+    return cli_command(flags, processes)
 
 
 def test_two_processes_write_the_eval_of_one(tiny_sd_dir, tmp_path):
@@ -44,8 +31,8 @@ def test_two_processes_write_the_eval_of_one(tiny_sd_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\na green ring\na yellow star\na purple cross\n")
     cache = str(tmp_path / "cache")
-    run(eval_cmd(other, tiny_sd_dir, prompts, tmp_path / "one", 1, None))
-    out = run(eval_cmd(other, tiny_sd_dir, prompts, tmp_path / "two", 2, cache))
+    run_cli(eval_cmd(other, tiny_sd_dir, prompts, tmp_path / "one", 1, None))
+    out = run_cli(eval_cmd(other, tiny_sd_dir, prompts, tmp_path / "two", 2, cache))
     assert out.count("wrote ") == 1  # the main process reports and writes
     one = json.loads((tmp_path / "one" / "eval.json").read_text())
     two = json.loads((tmp_path / "two" / "eval.json").read_text())
@@ -53,6 +40,6 @@ def test_two_processes_write_the_eval_of_one(tiny_sd_dir, tmp_path):
     for name in ("scores.jsonl", "grid.png"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
     # The baseline the two processes drew was kept; the next run reads it back, same numbers.
-    run(eval_cmd(other, tiny_sd_dir, prompts, tmp_path / "again", 2, cache))
+    run_cli(eval_cmd(other, tiny_sd_dir, prompts, tmp_path / "again", 2, cache))
     again = json.loads((tmp_path / "again" / "eval.json").read_text())
     assert again["baseline_images"].startswith("cache") and again["rewards"] == one["rewards"]

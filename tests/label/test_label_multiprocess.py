@@ -3,30 +3,18 @@ process writes, and resumes one process's unfinished run."""
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers import cli_command, run_cli
 
 
 def label_cmd(model: str, prompts: Path, out: Path, processes: int) -> list[str]:
     flags = ["label", "--model", model, "--prompts", str(prompts), "--num-images", "3", "--reward",
              "helpers:redness,helpers:brightness", "--output-dir", str(out), "--seed", "7", "--batch-size", "4",
              "--num-inference-steps", "2", "--guidance-scale", "3", "--resolution", "32"]
-    if processes == 1:
-        return [sys.executable, "-m", "diffalign.cli", *flags]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(REPO / "configs/accelerate/cpu2.yaml"), "-m", "diffalign.cli", *flags]
-
-
-def run(cmd: list[str]) -> None:
-    # One torch thread in every process, so both runs compute with the same kernels.
-    env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cli_command(flags, processes)
 
 
 def dataset(out: Path) -> tuple[list[dict], list[dict], list[dict]]:
@@ -39,8 +27,8 @@ def test_two_processes_write_the_dataset_of_one(tiny_sd_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     # 5 prompts of 3 images in batches of 4: one prompt a chunk, 5 chunks dealt 3 / 2.
     prompts.write_text("a red circle\na blue square\na green ring\na yellow star\na purple cross\n")
-    run(label_cmd(tiny_sd_dir, prompts, tmp_path / "one", 1))
-    run(label_cmd(tiny_sd_dir, prompts, tmp_path / "two", 2))
+    run_cli(label_cmd(tiny_sd_dir, prompts, tmp_path / "one", 1))
+    run_cli(label_cmd(tiny_sd_dir, prompts, tmp_path / "two", 2))
     one, two = dataset(tmp_path / "one"), dataset(tmp_path / "two")
     assert len(one[0]) == 5 and one == two  # rows (scores, ranks, seeds), ranked.jsonl, pairs with image bytes
     for name in sorted(os.listdir(tmp_path / "one" / "images")):
@@ -52,6 +40,6 @@ def test_two_processes_write_the_dataset_of_one(tiny_sd_dir, tmp_path):
     for p in (1, 3):
         (tmp_path / "one" / "rows" / f"{p:06d}.json").unlink()
     (tmp_path / "one" / "ranked.jsonl").unlink()
-    run(label_cmd(tiny_sd_dir, prompts, tmp_path / "one", 2))
+    run_cli(label_cmd(tiny_sd_dir, prompts, tmp_path / "one", 2))
     assert dataset(tmp_path / "one") == two
     assert json.loads((tmp_path / "one" / "stats.json").read_text())["prompts_per_process"] == [0, 2]

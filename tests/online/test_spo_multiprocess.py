@@ -3,16 +3,13 @@ rolls out its own prompts, the pairs are pooled, and the run equals one process 
 global rollout and global batch (same losses, same LoRA)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers import cli_command, run_cli
 
 
 def spo_cmd(model: str, prompts: Path, out: Path, processes: int) -> list[str]:
@@ -22,21 +19,12 @@ def spo_cmd(model: str, prompts: Path, out: Path, processes: int) -> list[str]:
              "--output-dir", str(out), "--max-steps", "3", "--resolution", "32", "--lr", "1e-3", "--lora-rank", "4",
              "--num-inference-steps", "5", "--divert-start-step", "2", "--num-candidates", "3", "--pair-threshold", "0",
              "--checkpoint-every", "0", "--seed", "3", *[x for kv in per_process.items() for x in kv]]
-    if processes == 1:
-        return [sys.executable, "-m", "diffalign.cli", *flags]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(REPO / "configs/accelerate/cpu2.yaml"), "-m", "diffalign.cli", *flags]
-
-
-def run(cmd: list[str]) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cli_command(flags, processes)
 
 
 def test_two_processes_train_as_one_with_the_same_global_batch(tiny_sd_dir, prompts_file, tmp_path):
-    run(spo_cmd(tiny_sd_dir, prompts_file, tmp_path / "one", 1))
-    run(spo_cmd(tiny_sd_dir, prompts_file, tmp_path / "two", 2))
+    run_cli(spo_cmd(tiny_sd_dir, prompts_file, tmp_path / "one", 1))
+    run_cli(spo_cmd(tiny_sd_dir, prompts_file, tmp_path / "two", 2))
     rows = {n: [json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
             for n in ("one", "two")}
     assert [r["step"] for r in rows["two"]] == [1, 2, 3]
