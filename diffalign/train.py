@@ -478,7 +478,8 @@ def finish_run(cfg: TrainConfig, accelerator, adapter, denoiser, params, ema, ou
             raise DiffalignError(f"{err} (training finished: the weights are in {out})") from None
         print(f"diffalign: done. Weights, metrics.jsonl, training_curves.png and config.yaml are in {out}")
         if "eval" in result:
-            print(f"diffalign: evaluation (eval.json, before/after grid.png) is in {out / 'eval'}")
+            grid = "grid.gif" if cfg.num_frames else "grid.png"  # videos: an animated side-by-side grid
+            print(f"diffalign: evaluation (eval.json, before/after {grid}) is in {out / 'eval'}")
     accelerator.end_training()
     return result
 
@@ -773,7 +774,8 @@ def plot_training_curves(metrics_path: Path, png_path: Path) -> None:
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     if rows:
-        plot_curves(rows, ["loss", "implicit_acc"], png_path)
+        # the panels a run logs: pair methods' implicit accuracy, GRPO's mean training reward
+        plot_curves(rows, ["loss", "implicit_acc", "reward_mean"], png_path)
 
 
 def run_final_eval(cfg: TrainConfig, out: Path) -> dict:
