@@ -20,7 +20,8 @@ step - time of the step that ends the warm-up). Rows:
   diffalign         `diffalign train --method dpo` on the same folder and parquet
   diffalign cached  the same with `--cache-latents` (the cache is built before the timed steps)
 
-`--profile` adds a cProfile of diffalign's uncached steps (top functions by cumulative time).
+`--profile` adds a cProfile of diffalign's uncached steps (`--profile-row "diffalign cached"`: the cached
+ones), the top functions by cumulative time.
 """
 
 from __future__ import annotations
@@ -212,6 +213,7 @@ def main() -> None:
     parser.add_argument("--diffalign-extra", nargs=argparse.REMAINDER, default=[],
                         help="more `diffalign train` flags (last on the line)")
     parser.add_argument("--profile", action="store_true", help="cProfile diffalign's uncached run and print the top")
+    parser.add_argument("--profile-row", default="diffalign", help="the row --profile profiles: diffalign or 'diffalign cached'")
     parser.add_argument("--workdir", default=None, help="keep the inputs and runs here (default: a temp dir)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
@@ -230,7 +232,7 @@ def main() -> None:
             if row == "diffusers":
                 r = timed_run(row, args.script, diffusers_command(args.script, model, data, out, args)[1:], args, work)
             elif row in ("diffalign", "diffalign cached"):
-                profile = str(work / "diffalign.prof") if args.profile and row == "diffalign" and repeat == 0 else None
+                profile = str(work / "diffalign.prof") if args.profile and row == args.profile_row and repeat == 0 else None
                 r = timed_run(row, "-m diffalign.cli", diffalign_command(model, data, out, args, row.endswith("cached")),
                               args, work, profile)
             else:
