@@ -5,7 +5,7 @@ One spelling per concept, one implementation per edge, so `train`, `eval`, `labe
 
 - `load_pipeline(model, dtype, device)`: a diffusers pipeline from a hub id, a local folder or
   a shipped toy name (`toy-sd`, `toy-flow`).
-- `sampling_defaults(model)`: a model's own `num_inference_steps` / `guidance_scale`, read from
+- `sampling_defaults(model)`: a model's own `num_inference_steps` / `guidance_scale` (and size), read from
   `diffalign.json` in its folder (the toy models ship one), never from the model's name.
 - `parse_dtype(name)`: `fp32 | fp16 | bf16`.
 - `read_prompts(source)`: `toy`, or a .txt / .jsonl / .json file.
@@ -45,7 +45,9 @@ if TYPE_CHECKING:
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SAMPLING_FILE = "diffalign.json"
-SAMPLING_KEYS = ("num_inference_steps", "guidance_scale")
+# height / width / num_frames: a model built for one size (the toy video model: 32 px x 9 frames)
+# would otherwise be sampled at its pipeline's default (Wan: 480 x 832 x 81)
+SAMPLING_KEYS = ("num_inference_steps", "guidance_scale", "height", "width", "num_frames")
 REWARD_GRAMMAR = "NAME[@PATH][=WEIGHT],..."
 
 

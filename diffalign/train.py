@@ -754,7 +754,9 @@ def run_validation(cfg: TrainConfig, adapter, out: Path, step: int) -> None:
     seeds = [cfg.seed + i for i in range(len(prompts))]
     adapter.denoiser.eval()
     with torch.no_grad():
-        batch = generate(pipe, prompts, seeds=seeds, height=cfg.resolution, width=cfg.resolution, **sampling)
+        if cfg.resolution is not None:
+            sampling["height"] = sampling["width"] = cfg.resolution
+        batch = generate(pipe, prompts, seeds=seeds, **sampling)
     adapter.denoiser.train()
     folder = out / "validation"
     (folder / "images").mkdir(parents=True, exist_ok=True)

@@ -115,7 +115,8 @@ def render() -> str:
         "(`diffalign.rewards.REWARDS`) or `module:function`; @PATH points a reward at local weights;",
         "WEIGHT counts where rewards are summed (reno, `label --rank-by weighted`). A model's default",
         "sampler settings come from `diffalign.json` in its folder (`{\"num_inference_steps\": 20,",
-        "\"guidance_scale\": 4.0}` in the toy models), else from its pipeline.",
+        "\"guidance_scale\": 4.0}` in the toy models; a model built for one size adds `height`, `width`",
+        "and `num_frames`, as toy-video does), else from its pipeline.",
     ]
     for name, (_, help_text) in COMMANDS.items():
         lines += ["", f"## diffalign {name}", "", _cell(help_text) + "."]

@@ -170,6 +170,9 @@ def test_toy_models_ship_their_sampling_defaults(tmp_path):
     assert sampling_defaults(object()) == {}  # a pipeline object: its own defaults
     (tmp_path / "diffalign.json").write_text('{"num_inference_steps": 8}')
     assert sampling_defaults(str(tmp_path)) == {"num_inference_steps": 8}
+    # a video model built for one size says so: eval and label sample it there, not at Wan's 480 x 832 x 81
+    assert sampling_defaults("toy-video") == {"num_inference_steps": 20, "guidance_scale": 4.0, "height": 32, "width": 32,
+                                              "num_frames": 9}
     (tmp_path / "diffalign.json").write_text('{"steps": 8}')
     with pytest.raises(DiffalignError, match="unknown keys steps: it may hold num_inference_steps, guidance_scale"):
         sampling_defaults(tmp_path)

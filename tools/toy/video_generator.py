@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tools.toy import common
+from tools.toy.render import IMAGE_SIZE
 from tools.toy.video import NUM_FRAMES, all_video_scenes, split_video_prompts, video_bank
 
 Z_DIM = 4
@@ -329,7 +330,9 @@ def save_video_pipeline(pipe, out_dir: Path, tokenizer_dir: Path) -> None:
     common.save_transformers_fp16(pipe.text_encoder, out_dir / "text_encoder")
     shutil.rmtree(out_dir / "tokenizer")
     shutil.copytree(tokenizer_dir, out_dir / "tokenizer")
-    (out_dir / "diffalign.json").write_text(json.dumps({"num_inference_steps": STEPS, "guidance_scale": GUIDANCE}) + "\n")
+    defaults = {"num_inference_steps": STEPS, "guidance_scale": GUIDANCE, "height": IMAGE_SIZE, "width": IMAGE_SIZE,
+                "num_frames": NUM_FRAMES}  # sampled at its own size, not Wan's 480 x 832 x 81
+    (out_dir / "diffalign.json").write_text(json.dumps(defaults) + "\n")
 
 
 def load_video_pipeline(folder: Path, device: torch.device | str = "cpu"):

@@ -51,8 +51,8 @@ def test_generator_is_a_wan_pipeline_and_the_sampler_matches_it():
                   guidance_scale=4.0, height=32, width=32, num_frames=9, output_type="pt").frames
     assert ours.shape == (2, 9, 3, 32, 32)
     assert (ours - theirs).abs().max() < 1e-4
-    assert json.loads((asset("toy-video") / "diffalign.json").read_text()) == {"num_inference_steps": 20,
-                                                                                "guidance_scale": 4.0}
+    assert json.loads((asset("toy-video") / "diffalign.json").read_text()) == {
+        "num_inference_steps": 20, "guidance_scale": 4.0, "height": 32, "width": 32, "num_frames": 9}
 
 
 def test_the_padded_text_attention_used_in_training_equals_the_pipelines_512_positions():
