@@ -232,8 +232,12 @@ def load_group(group: _Group, order: list[int], cfg: DataConfig, aug: Augment | 
             raise
         if aug is not None:
             pixels.append(transform_image(img, cfg.resolution, aug))
-    if aug is None:
-        return {}
+    return group_sample(group, order, pixels) if aug is not None else {}
+
+
+def group_sample(group: _Group, order: list[int], pixels: list[torch.Tensor]) -> dict:
+    """One dataset item: the kept images (or videos) of a group in `order`, with its prompt,
+    per-image captions and scores."""
     return {
         "pixels": torch.stack(pixels),
         "prompt": group.prompt,

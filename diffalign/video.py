@@ -123,7 +123,7 @@ def _folder_frames(folder: Path, num_frames: int, fps: float | None, folder_fps:
 def load_video_group(group, order: list[int], cfg, aug) -> dict:
     """diffalign.data.load_group for videos: (K, F, 3, R, R) pixels, one Augment for every
     frame of every video; aug None = decode only (to skip)."""
-    from diffalign.data import _BadImage, transform_image
+    from diffalign.data import _BadImage, group_sample, transform_image
 
     videos = []
     for i in order:
@@ -134,14 +134,7 @@ def load_video_group(group, order: list[int], cfg, aug) -> dict:
             raise
         if aug is not None:
             videos.append(torch.stack([transform_image(f, cfg.resolution, aug) for f in frames]))
-    if aug is None:
-        return {}
-    return {
-        "pixels": torch.stack(videos),
-        "prompt": group.prompt,
-        "captions": [group.captions[i] for i in order],
-        "scores": torch.tensor([group.scores[i] for i in order], dtype=torch.float32),
-    }
+    return group_sample(group, order, videos) if aug is not None else {}
 
 
 # ----------------------------------------------------------------------------------------------
