@@ -176,6 +176,34 @@ def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch
     raise DiffalignError(f"unknown optimizer {cfg.optimizer!r}: choose adamw, adamw8bit or adafactor")
 
 
+def prepare_training(cfg: TrainConfig, accelerator, adapter, params):
+    """The optimiser (lr scaled by the global batch with --scale-lr), its scheduler and the EMA,
+    the denoiser and optimiser through accelerate, the scheduler registered for checkpoints.
+    Returns (denoiser, optimizer, scheduler, ema); the caller registers the EMA (ema may be None)
+    after its own checkpointed objects, in the order its checkpoints hold them."""
+    optimizer = build_optimizer(cfg, params)
+    scale = cfg.batch_size * cfg.grad_accum * accelerator.num_processes if cfg.scale_lr else 1
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.lr * scale
+    scheduler = build_scheduler(cfg, optimizer)
+    ema = build_ema(cfg, params)
+    register_trainable_checkpointing(accelerator)
+    denoiser, optimizer = accelerator.prepare(adapter.denoiser, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    return denoiser, optimizer, scheduler, ema
+
+
+def apply_gradients(cfg: TrainConfig, accelerator, optimizer, params, log: StepLog, step: int) -> None:
+    """After a micro-step's backward, inside `accelerator.accumulate`: at an optimiser step the
+    finiteness check and gradient clipping, then the step (accelerate skips it between)."""
+    if accelerator.sync_gradients:
+        check_finite(accelerator, log, step)
+        if cfg.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def build_scheduler(cfg: TrainConfig, optimizer):
     from diffusers.optimization import get_scheduler
 
@@ -326,15 +354,7 @@ def run_training(cfg: TrainConfig, out: Path, resume_from: Path | None, pipeline
     dataset = build_training_data(cfg, adapter, accelerator, objective)
     params, reference = setup_denoiser(cfg, adapter, objective.NEEDS_REF)
     remember_prompts(cfg, adapter, dataset, accelerator.num_processes)
-    lr = cfg.lr * (cfg.batch_size * cfg.grad_accum * accelerator.num_processes if cfg.scale_lr else 1)
-    optimizer = build_optimizer(cfg, params)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    scheduler = build_scheduler(cfg, optimizer)
-    ema = build_ema(cfg, params)
-    register_trainable_checkpointing(accelerator)
-    denoiser, optimizer = accelerator.prepare(adapter.denoiser, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
+    denoiser, optimizer, scheduler, ema = prepare_training(cfg, accelerator, adapter, params)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
 
@@ -393,12 +413,7 @@ def run_training(cfg: TrainConfig, out: Path, resume_from: Path | None, pipeline
                                                  accelerator.device, empty_cond)
                     log.add(loss, metrics)
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        check_finite(accelerator, log, state["step"] + 1)
-                        if cfg.max_grad_norm > 0:
-                            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    apply_gradients(cfg, accelerator, optimizer, params, log, state["step"] + 1)
                 state["consumed"] += cfg.batch_size
                 if not accelerator.sync_gradients:
                     continue

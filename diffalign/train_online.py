@@ -353,9 +353,9 @@ def run_online(cfg: TrainConfig, out: Path, resume_from: Path | None, pipeline=N
     from diffalign.models.lora import set_attention
     from diffalign.objectives import get_objective
     from diffalign.step import MetricsFile, StepLog
-    from diffalign.train import (any_process, build_ema, build_optimizer, build_scheduler, check_finite, finish_run,
-                                 install_stop_handler, keep_work, make_accelerator, objective_hparams,
-                                 register_trainable_checkpointing, setup_denoiser, trim_metrics, weight_dtype_for)
+    from diffalign.train import (any_process, apply_gradients, finish_run, install_stop_handler, keep_work,
+                                 make_accelerator, objective_hparams, prepare_training, setup_denoiser, trim_metrics,
+                                 weight_dtype_for)
 
     objective = get_objective(cfg.method)
     engine_type = ENGINES[online.rollout_kind(objective)]
@@ -378,15 +378,7 @@ def run_online(cfg: TrainConfig, out: Path, resume_from: Path | None, pipeline=N
                                  transition=transition)
 
     params, reference = setup_denoiser(cfg, adapter, engine_type.needs_reference(objective, hparams))
-    lr = cfg.lr * (cfg.batch_size * cfg.grad_accum * world if cfg.scale_lr else 1)
-    optimizer = build_optimizer(cfg, params)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    scheduler = build_scheduler(cfg, optimizer)
-    ema = build_ema(cfg, params)
-    register_trainable_checkpointing(accelerator)
-    denoiser, optimizer = accelerator.prepare(adapter.denoiser, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
+    denoiser, optimizer, scheduler, ema = prepare_training(cfg, accelerator, adapter, params)
     state = {"step": 0, "epoch": 0, "consumed": 0, "rollouts": 0, "rollout_time": 0.0, "train_time": 0.0}
     log = StepLog(accelerator)
     run = OnlineRun(cfg, accelerator, adapter, setup, prompts, rewards, objective, hparams, state, log)
@@ -430,12 +422,7 @@ def run_online(cfg: TrainConfig, out: Path, resume_from: Path | None, pipeline=N
             train_start = time.perf_counter()
             with accelerator.accumulate(denoiser):
                 engine.backward(batch)
-                if accelerator.sync_gradients:
-                    check_finite(accelerator, log, state["step"] + 1)
-                    if cfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                apply_gradients(cfg, accelerator, optimizer, params, log, state["step"] + 1)
             state["train_time"] += time.perf_counter() - train_start
             if not accelerator.sync_gradients:
                 continue
