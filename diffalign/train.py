@@ -141,7 +141,7 @@ def check_output_dir(path: str) -> Path:
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test-{os.getpid()}"  # one a process: launched processes check the same folder at once
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
