@@ -90,7 +90,7 @@ class TrainConfig:
     """UNets only: keep the denoiser's weights in channels_last memory format, which GPU convolution
     kernels (fp16/bf16) prefer; on the CPU it did not pay for the toy models (docs/benchmarks.md)."""
     fused_optimizer: bool = True
-    """CUDA only: AdamW's fused kernel (one launch for every trainable tensor); the CPU ignores it."""
+    """AdamW's fused kernel (one kernel for every trainable tensor), on CUDA and the CPU."""
     tf32: bool = False
     """CUDA on Ampere or newer only: fp32 matmuls and convolutions in TF32 (faster, 10-bit mantissa
     products); the CPU and older GPUs ignore it."""
@@ -181,7 +181,10 @@ class TrainConfig:
     """Write a checkpoint every N optimiser steps and at the end (0: only on SIGTERM/SIGINT)."""
     keep_checkpoints: int = 2
     """Keep the last N checkpoints."""
-    log_every: int = 1
+    log_every: int = 10
+    """Write metrics and check the loss is finite every N optimiser steps (and before each
+    checkpoint): one host sync each, so a GPU is not stalled at every step. A non-finite loss
+    found after its step was applied keeps the last checkpoint; 1 keeps the step before it."""
     report_to: str = "none"
     """none | tensorboard | wandb (metrics.jsonl is always written)."""
     validation_every: int = 0

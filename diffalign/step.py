@@ -116,10 +116,12 @@ def encode_batch(adapter, batch: dict, uses_captions: bool, drop: torch.Tensor |
     train on the empty prompt."""
     if "latents" in batch:  # from the latent cache: no VAE and no text encoder in the loop
         return cached_inputs(batch, uses_captions, drop, device, empty_cond)
+    from diffalign.models import placement
+
     pixels = batch["pixels"].to(device)
     b, k = pixels.shape[:2]
     with torch.no_grad():
-        flat = adapter.encode_images(pixels.reshape(b * k, *pixels.shape[2:]).to(adapter.pipe.vae.dtype))
+        flat = adapter.encode_images(pixels.reshape(b * k, *pixels.shape[2:]).to(placement(adapter.pipe.vae)[1]))
     latents = flat.reshape(b, k, *flat.shape[1:])
     texts = [list(c) if uses_captions else [p] * k for p, c in zip(batch["prompts"], batch["captions"])]
     if drop is not None:
@@ -174,13 +176,15 @@ class StepLog:
     `add` takes each micro-step's values (means over its groups); `end_step` closes an
     optimiser step; `flush` gathers every pending step from all processes in one call and
     returns metrics.jsonl rows (means over the global batch and the step's micro-steps).
-    `non_finite` is the one per-step host sync: it tells whether any micro-step of the step
-    had a NaN or infinite loss, before the optimiser applies it."""
+    `first_non_finite` is the finiteness check, one host sync over every step since the last
+    check and the current one; the loops run it every log_every steps and before checkpoints,
+    so a GPU is not stalled at every step."""
 
     def __init__(self, accelerator):
         self.accelerator = accelerator
         self.micro: list[dict[str, torch.Tensor]] = []
         self.pending: list[tuple[dict, dict[str, torch.Tensor]]] = []
+        self.unchecked: list[tuple[int, torch.Tensor]] = []  # (step, its mean loss) not checked yet
         self.last: dict = {}
 
     @property
@@ -192,15 +196,22 @@ class StepLog:
         values.update({k: torch.as_tensor(v).detach().float().mean() for k, v in metrics.items()})
         self.micro.append(values)
 
-    def non_finite(self) -> float | None:
-        """The first NaN or infinite loss of the current step, or None."""
-        losses = torch.stack([m["loss"] for m in self.micro])
-        bad = losses[~torch.isfinite(losses)]
-        return float(bad[0]) if len(bad) else None
+    def first_non_finite(self, current_step: int) -> tuple[int, float] | None:
+        """(step, loss) of the first NaN or infinite loss among the steps not checked yet and
+        the current step's micro-steps (`current_step`), or None; those steps count as checked."""
+        steps = [step for step, _ in self.unchecked] + [current_step] * len(self.micro)
+        losses = [loss for _, loss in self.unchecked] + [m["loss"] for m in self.micro]
+        self.unchecked = []
+        if not losses:
+            return None
+        stacked = torch.stack(losses)
+        bad = (~torch.isfinite(stacked)).nonzero().flatten().tolist()  # the host sync
+        return (steps[bad[0]], float(stacked[bad[0]])) if bad else None
 
     def end_step(self, **info) -> None:
         means = {k: torch.stack([m[k] for m in self.micro]).mean() for k in self.micro[0]}
         self.pending.append((info, means))
+        self.unchecked.append((info["step"], means["loss"]))
         self.micro = []
 
     def flush(self) -> list[dict]:

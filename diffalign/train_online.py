@@ -353,9 +353,9 @@ def run_online(cfg: TrainConfig, out: Path, resume_from: Path | None, pipeline=N
     from diffalign.models.lora import set_attention
     from diffalign.objectives import get_objective
     from diffalign.step import MetricsFile, StepLog
-    from diffalign.train import (any_process, apply_gradients, finish_run, install_stop_handler, keep_work,
-                                 make_accelerator, objective_hparams, prepare_training, setup_denoiser, trim_metrics,
-                                 weight_dtype_for)
+    from diffalign.train import (apply_gradients, check_finite, finish_run, install_stop_handler, keep_work,
+                                 make_accelerator, objective_hparams, prepare_training, setup_denoiser,
+                                 stop_requested, trim_metrics, weight_dtype_for)
 
     objective = get_objective(cfg.method)
     engine_type = ENGINES[online.rollout_kind(objective)]
@@ -442,7 +442,8 @@ def run_online(cfg: TrainConfig, out: Path, resume_from: Path | None, pipeline=N
             if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
                 write_metrics()
                 save(dict(state))
-            if any_process(accelerator, stop.requested):
+            if stop_requested(accelerator, stop, cfg, state["step"]):
+                check_finite(accelerator, log, state["step"])  # a checkpoint holds checked steps only
                 write_metrics()
                 path = save(dict(state))
                 if main:
@@ -452,7 +453,7 @@ def run_online(cfg: TrainConfig, out: Path, resume_from: Path | None, pipeline=N
                 break
     except DiffalignError as err:
         write_metrics()
-        raise DiffalignError(f"{err}; {keep_work(last_good, save, out)}") from None
+        raise DiffalignError(f"{err}; {keep_work(last_good, save, out, params)}") from None
     progress.close()
     stop.restore()
     metrics_file.close()

@@ -171,13 +171,21 @@ from diffalign.edges import load_pipeline  # noqa: E402
 # Helpers shared by the family files (VAE, DDPM schedule, conditioning)
 
 
+def placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The module's first weight's device and dtype: what diffusers' `ModelMixin.device` and
+    `.dtype` return without offloading hooks, without their walk over every submodule (about a
+    millisecond a call on the tiny UNet, several calls a training step)."""
+    weight = next(module.parameters())
+    return weight.device, weight.dtype
+
+
 def vae_encode(vae: nn.Module, pixels: Tensor) -> Tensor:
     """(N, 3, H, W) in [-1, 1] -> scaled latents. Uses the posterior mean, so a latent cache is
     deterministic (the SD-family posterior std is ~1e-3 of the mean's scale)."""
     if pixels.ndim != 4 or pixels.shape[1] != 3:
         raise DiffalignError(f"images must be (N, 3, H, W), got {tuple(pixels.shape)}: stack RGB images in [-1, 1] along dim 0")
     with torch.no_grad():
-        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+        latents = vae.encode(pixels.to(*placement(vae))).latent_dist.mode()
     shift = vae.config.shift_factor or 0.0  # SD3/FLUX shift their latents; SD does not
     return (latents - shift) * vae.config.scaling_factor
 
@@ -188,7 +196,7 @@ def vae_decode(vae: nn.Module, latents: Tensor) -> Tensor:
     Differentiable: the caller picks no_grad (training, evaluation) or autograd (ReNO)."""
     shift = vae.config.shift_factor or 0.0
     latents = latents / vae.config.scaling_factor + shift
-    images = vae.decode(latents.to(vae.device, vae.dtype), return_dict=False)[0]
+    images = vae.decode(latents.to(*placement(vae)), return_dict=False)[0]
     # At least fp32 (half-precision VAEs), and fp64 kept (gradient checks against finite differences).
     images = images.to(torch.promote_types(images.dtype, torch.float32))
     return (images / 2 + 0.5).clamp(0, 1)

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from diffalign.errors import DiffalignError
-from diffalign.models import cond_to
+from diffalign.models import cond_to, placement
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -206,7 +206,7 @@ class WanAdapter:
                                  f"to e.g. {(frames - 1) // self.temporal_factor * self.temporal_factor + 1}")
         vae = self.pipe.vae
         with torch.no_grad():
-            latents = vae.encode(pixels.permute(0, 2, 1, 3, 4).to(vae.device, vae.dtype)).latent_dist.mode()
+            latents = vae.encode(pixels.permute(0, 2, 1, 3, 4).to(*placement(vae))).latent_dist.mode()
         mean, std = self.latents_stats(latents)
         return (latents - mean) / std
 
@@ -214,7 +214,7 @@ class WanAdapter:
         """Normalised latents (N, C, F', h, w) -> videos (N, F, 3, H, W) in [0, 1], as WanPipeline's
         decode + postprocess (the caller's grad mode)."""
         vae = self.pipe.vae
-        latents = latents.to(vae.device, vae.dtype)
+        latents = latents.to(*placement(vae))
         mean, std = self.latents_stats(latents)
         # WanPipeline multiplies by 1 / (1 / std): the same rounding.
         video = vae.decode(latents / (1.0 / std) + mean, return_dict=False)[0]

@@ -6,7 +6,7 @@ import torch
 from diffalign import elbo
 from diffalign.errors import DiffalignError
 from diffalign.models import load_adapter
-from diffalign.models.lora import add_lora, frozen_copy, has_lora, load_lora, reference, save_lora, set_attention
+from diffalign.models.lora import add_lora, frozen_copy, has_lora, load_lora, lora_layers, reference, save_lora, set_attention
 from diffalign.testing import TINY_VARIANTS, tiny_pixels
 
 # Each family's first variant (the LoRA code path does not depend on the other options).
@@ -125,6 +125,26 @@ def test_reference_without_lora_or_copy_is_an_error():
     with pytest.raises(DiffalignError, match="no LoRA adapter"):
         with reference(adapter.denoiser):
             pass
+
+
+def test_reference_of_a_wrapped_denoiser_is_the_bare_one_unwrapped_once(monkeypatch):
+    import accelerate.utils
+
+    adapter = _fresh("sd-eps")
+    add_lora(adapter.denoiser, rank=4, family="sd")
+    _perturb_lora_b(adapter.denoiser)
+    wrapped = torch.nn.DataParallel(adapter.denoiser)  # what accelerate unwraps, as DDP, on the CPU
+    real = accelerate.utils.extract_model_from_parallel
+    calls = []
+    monkeypatch.setattr(accelerate.utils, "extract_model_from_parallel", lambda m: calls.append(m) or real(m))
+    for _ in range(3):
+        with reference(wrapped) as ref:
+            assert ref is adapter.denoiser
+            assert all(layer.disable_adapters for layer in lora_layers(ref))
+        assert not any(layer.disable_adapters for layer in lora_layers(adapter.denoiser))
+    assert calls == [wrapped, adapter.denoiser]  # each module is unwrapped once, not at every step
+    with reference(torch.nn.DataParallel(adapter.denoiser)) as ref:  # a new wrapper is unwrapped too
+        assert ref is adapter.denoiser and len(calls) == 3
 
 
 def test_bad_lora_targets_are_clear_errors():

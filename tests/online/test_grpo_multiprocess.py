@@ -32,13 +32,17 @@ def test_two_processes_train_as_one_with_the_same_global_group(tiny_sd3_dir, pro
             for n in ("one", "two")}
     assert [r["step"] for r in rows["two"]] == [1, 2, 3]
     keys = ("loss", "ratio", "kl", "advantage", "reward_mean", "reward_std", "zero_std_share", "rollouts", "images")
+    # The gradient all-reduce sums in another order; where a LoRA weight's gradients nearly
+    # cancel, Adam (m / sqrt(v)) magnifies that rounding, so after two steps the weights agree to
+    # a tenth of one step (lr 1e-3) and the third loss to 1e-4; other groups, rewards or
+    # advantages move them by whole steps.
     for key in keys:
-        assert [r[key] for r in rows["two"]] == pytest.approx([r[key] for r in rows["one"]], abs=1e-5), key
+        assert [r[key] for r in rows["two"]] == pytest.approx([r[key] for r in rows["one"]], abs=1e-4), key
     one = load_file(str(tmp_path / "one" / "pytorch_lora_weights.safetensors"))
     two = load_file(str(tmp_path / "two" / "pytorch_lora_weights.safetensors"))
     assert one.keys() == two.keys()
     moved = 0.0
     for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5)
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-4)
         moved = max(moved, float((one[key]).abs().max()))
     assert moved > 0

@@ -73,15 +73,32 @@ def test_compile_compiles_the_denoiser_in_place_and_a_step_still_trains(monkeypa
     assert plain.denoiser._compiled_call_impl is None
 
 
-def test_fused_adamw_is_asked_for_only_on_cuda():
+def test_fused_adamw_is_asked_for_on_one_cuda_or_cpu_device():
     on_cuda = [SimpleNamespace(device=torch.device("cuda", 0))] * 2
     on_cpu = [torch.nn.Parameter(torch.zeros(2))]
-    assert use_fused_adamw(TrainConfig(), on_cuda)
+    assert use_fused_adamw(TrainConfig(), on_cuda) and use_fused_adamw(TrainConfig(), on_cpu)
     assert not use_fused_adamw(TrainConfig(fused_optimizer=False), on_cuda)
-    assert not use_fused_adamw(TrainConfig(), on_cpu)
     assert not use_fused_adamw(TrainConfig(), on_cpu + on_cuda)
-    optimizer = build_optimizer(TrainConfig(), on_cpu)  # the CPU: the default (foreach/for-loop) AdamW
-    assert not optimizer.defaults.get("fused")
+    assert not use_fused_adamw(TrainConfig(), [])
+
+
+def test_fused_adamw_on_the_cpu_steps_as_the_plain_loop():
+    torch.manual_seed(0)
+    start = [torch.randn(8, 4), torch.randn(4, 8), torch.randn(16)]
+    grads = [[torch.randn_like(w) for w in start] for _ in range(5)]
+    weights = {}
+    for fused in (True, False):
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        optimizer = build_optimizer(TrainConfig(lr=1e-2, weight_decay=1e-2, fused_optimizer=fused), params)
+        assert bool(optimizer.defaults.get("fused")) == fused
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            optimizer.step()
+        weights[fused] = params
+    for a, b, w in zip(weights[True], weights[False], start):
+        assert not torch.equal(a, w)  # it moved
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_tf32_only_on_an_ampere_gpu(monkeypatch):

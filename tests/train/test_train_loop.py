@@ -116,7 +116,8 @@ def test_unwritable_output_dir(tiny_sd_dir, pairs_parquet, tmp_path):
         train(cfg_for(tiny_sd_dir, pairs_parquet, blocker / "out"))
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_sd_dir, pairs_parquet, tmp_path, monkeypatch):
+def make_loss_nan_at(monkeypatch, call: int) -> None:
+    """DPO's loss turns NaN at its `call`-th call (one call a step here)."""
     from diffalign.objectives import dpo
 
     real = dpo.loss
@@ -125,13 +126,38 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_sd_dir, p
     def flaky(err, ref_err, **kw):
         calls["n"] += 1
         losses, m = real(err, ref_err, **kw)
-        return (losses * float("nan") if calls["n"] == 3 else losses), m
+        return (losses * float("nan") if calls["n"] == call else losses), m
 
     monkeypatch.setattr(dpo, "loss", flaky)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_sd_dir, pairs_parquet, tmp_path, monkeypatch):
+    make_loss_nan_at(monkeypatch, 3)
     out = tmp_path / "nan"
     with pytest.raises(DiffalignError, match="loss is nan at step 3.*checkpoint-2"):
-        train(cfg_for(tiny_sd_dir, pairs_parquet, out, max_steps=5))
+        train(cfg_for(tiny_sd_dir, pairs_parquet, out, max_steps=5, log_every=1))
     assert (out / "checkpoints" / "checkpoint-2" / "trainable_0.safetensors").is_file()
+
+
+def test_a_non_finite_loss_found_at_a_later_check_keeps_the_last_checkpoint(tiny_sd_dir, pairs_parquet, tmp_path,
+                                                                           monkeypatch):
+    """Losses reach the host every log_every steps and before each checkpoint: a NaN at step 5
+    is found at the check of step 6, after its optimiser step; the weights in memory are not
+    kept, the checkpoint of step 4 (checked before it was written) is."""
+    from diffalign import step as step_module
+
+    make_loss_nan_at(monkeypatch, 5)
+    checks = []
+    real_check = step_module.StepLog.first_non_finite
+    monkeypatch.setattr(step_module.StepLog, "first_non_finite",
+                        lambda self, step: checks.append(step) or real_check(self, step))
+    out = tmp_path / "nan"
+    with pytest.raises(DiffalignError, match=r"loss is nan at step 5: .*the last good checkpoint is .*checkpoint-4"):
+        train(cfg_for(tiny_sd_dir, pairs_parquet, out, max_steps=8, log_every=3, checkpoint_every=4))
+    assert checks == [3, 4, 6]  # log steps and the checkpoint's step; not every step
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-4"]
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5]  # the NaN step is logged; step 6 stopped before its update
+    assert math.isnan(metrics(out)[4]["loss"])
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tiny_sd_dir, pairs_parquet, tmp_path):
