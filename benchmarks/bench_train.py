@@ -57,7 +57,8 @@ def real_pipeline(name: str, tokenizer_dir: str):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     tok = CLIPTokenizer.from_pretrained(tokenizer_dir)
-    ddpm = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
+    ddpm = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
+                         steps_offset=1, clip_sample=False)  # as the released SD1.5 and SDXL schedulers
     if name == "sd15":
         return StableDiffusionPipeline(
             vae=AutoencoderKL(**SD_VAE), text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L)), tokenizer=tok,
