@@ -260,11 +260,16 @@ class CachedDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def _shard(self, shard: int):
+        """The shard's open file and its small index arrays as lists (read once: a slice a
+        group costs more than the group's own tensors)."""
         from safetensors import safe_open
 
         # Opened lazily per process (handles are not picklable into DataLoader workers).
         if shard not in self._open:
-            self._open[shard] = safe_open(str(_shard_path(self.folder, shard)), framework="pt")
+            f = safe_open(str(_shard_path(self.folder, shard)), framework="pt")
+            index = {name: f.get_tensor(name).tolist() for name in ("group_offsets", "prompt_index", "caption_index")}
+            names = [k for k in f.keys() if k.startswith("cond.")]
+            self._open[shard] = (f, index, names)
         return self._open[shard]
 
     def __getstate__(self):
@@ -272,14 +277,15 @@ class CachedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         shard, g = self.items[index]
-        f = self._shard(shard)
-        a, b = f.get_slice("group_offsets")[g : g + 2].tolist()
-        prompt_row = int(f.get_slice("prompt_index")[g : g + 1])
-        caption_rows = f.get_slice("caption_index")[a:b].tolist()
+        f, shard_index, names = self._shard(shard)
+        a, b = shard_index["group_offsets"][g : g + 2]
+        prompt_row = shard_index["prompt_index"][g]
+        caption_rows = shard_index["caption_index"][a:b]
         texts = self.texts[shard]
-        names = [k for k in f.keys() if k.startswith("cond.")]
 
         def rows(indices: list[int]) -> dict[str, torch.Tensor]:
+            if indices == list(range(indices[0], indices[0] + len(indices))):  # consecutive: one slice
+                return {k.removeprefix("cond."): f.get_slice(k)[indices[0] : indices[0] + len(indices)] for k in names}
             return {k.removeprefix("cond."): torch.cat([f.get_slice(k)[i : i + 1] for i in indices]) for k in names}
 
         return {
