@@ -98,10 +98,11 @@ def run_case(case: dict) -> dict:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[case["dtype"]]
     if case["scale"] == "tiny":
         family = {"sd15": "sd", "sd3": "sd3"}[case["model"]]
-        pipe, resolution = tiny_pipeline(family), TINY_RESOLUTION[family] * 2
+        pipe, resolution = tiny_pipeline(family), case["resolution"] or TINY_RESOLUTION[family] * 2
     else:
         with torch.device(device):  # initialise the random weights on the GPU: seconds, not minutes
             pipe, resolution = real_pipeline(case["model"], case["tokenizer_dir"])
+        resolution = case["resolution"] or resolution
     full = case["full_finetune"]
     adapter = load_adapter(pipe, device=device, dtype=torch.float32 if full else dtype)
     objective = get_objective(case["method"])
@@ -220,7 +221,8 @@ def cases(args) -> list[dict]:
         dict(model=model, method=method, full_finetune=mode == "full", cache=cache == "cache", scale=args.scale,
              device=args.device, dtype=args.dtype, batch_size=args.batch_size, lora_rank=args.lora_rank,
              steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops, tokenizer_dir=args.tokenizer_dir,
-             attention=args.attention, options=[] if option == "plain" else option.split("+"))
+             attention=args.attention, options=[] if option == "plain" else option.split("+"),
+             resolution=args.resolution)
         for model, method, mode, cache in specs
         for option in args.options.split(",")
     ]
@@ -233,6 +235,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--models", default=None, help="comma list: sd15,sd3 (tiny) or sd15,sdxl,sd35m (real)")
     parser.add_argument("--batch-size", type=int, default=2, help="pairs per step")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="pixels (default: twice the tiny family's, or the real model's native size)")
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
@@ -256,7 +260,7 @@ def main() -> None:
 
         args.tokenizer_dir = str(write_clip_tokenizer(tempfile.mkdtemp()))
     results = []
-    header = f"{'model':6} {'method':8} {'mode':5} {'cache':5} {'attn':8} {'options':14} {'pairs/s':>8} {'peak GiB':>8} {'step/bare':>9} {'step/(bare+ref)':>15} {'warm-up s':>9}" + (" MFU" if args.device == "cuda" else "")
+    header = f"{'model':6} {'method':8} {'mode':5} {'cache':5} {'attn':8} {'options':14} {'pairs/s':>8} {'peak GiB':>8} {'step/bare':>9} {'step/(bare+ref)':>15} {'warm-up s':>9} {'step ms':>7} {'bare ms':>7} {'bare+ref ms':>9}" + (" MFU" if args.device == "cuda" else "")
     print(header)
     for case in cases(args):
         proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(case)], capture_output=True, text=True,
@@ -271,7 +275,7 @@ def main() -> None:
         print(f"{r['model']:6} {r['method']:8} {'full' if r['full_finetune'] else 'lora':5} {str(r['cache']):5} {r['attention_used']:8} "
               f"{'+'.join(r['options']) or 'plain':14} "
               f"{r['pairs_per_s']:8.2f} {r['peak_gib']:8.2f} {r['ratio_vs_bare']:9.2f} {r['ratio_vs_bare_ref']:15.2f} "
-              f"{r['warmup_s']:9.1f}{mfu}",
+              f"{r['warmup_s']:9.1f} {1000 * r['step_s']:7.1f} {1000 * r['bare_s']:7.1f} {1000 * r['bare_ref_s']:9.1f}{mfu}",
               flush=True)
     if args.json:
         with open(args.json, "w") as f:
