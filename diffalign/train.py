@@ -503,12 +503,15 @@ def finish_run(cfg: TrainConfig, accelerator, adapter, denoiser, params, ema, ou
         if ema is not None:
             ema.copy_to(params)
         save_final_weights(cfg, adapter, accelerator.unwrap_model(denoiser), out)
-        try:
+    try:
+        if accelerator.is_main_process:
             plot_training_curves(out / "metrics.jsonl", out / "training_curves.png")
-            if cfg.eval_prompts:
-                result["eval"] = run_final_eval(cfg, out)
-        except DiffalignError as err:  # e.g. a full disk: the weights are written, say so
-            raise DiffalignError(f"{err} (training finished: the weights are in {out})") from None
+        if cfg.eval_prompts:
+            accelerator.wait_for_everyone()  # every process reads the weights the main one wrote
+            result["eval"] = run_final_eval(cfg, out, training_processes(accelerator))
+    except DiffalignError as err:  # e.g. a full disk: the weights are written, say so
+        raise DiffalignError(f"{err} (training finished: the weights are in {out})") from None
+    if accelerator.is_main_process:
         print(f"diffalign: done. Weights, metrics.jsonl, training_curves.png and config.yaml are in {out}")
         if "eval" in result:
             grid = "grid.gif" if cfg.num_frames else "grid.png"  # videos: an animated side-by-side grid
@@ -838,8 +841,21 @@ def plot_training_curves(metrics_path: Path, png_path: Path) -> None:
         plot_curves(rows, ["loss", "implicit_acc", "reward_mean"], png_path)
 
 
-def run_final_eval(cfg: TrainConfig, out: Path) -> dict:
-    """Generate with the trained and the base model (same seeds), score, write OUTPUT/eval/."""
+def training_processes(accelerator):
+    """The training's processes, for work they share after training (the final evaluation)."""
+    from accelerate import PartialState
+
+    from diffalign.processes import Processes
+
+    if accelerator.num_processes == 1:
+        return Processes()
+    return Processes(rank=accelerator.process_index, world=accelerator.num_processes, state=PartialState())
+
+
+def run_final_eval(cfg: TrainConfig, out: Path, processes=None) -> dict:
+    """Generate with the trained and the base model (same seeds), score, write OUTPUT/eval/.
+    With several training processes each draws its share of the images (diffalign.processes);
+    the main process writes the files."""
     from diffalign.evaluate import evaluate
 
     trained = str(out) if cfg.full_finetune else cfg.model
@@ -850,4 +866,5 @@ def run_final_eval(cfg: TrainConfig, out: Path) -> dict:
         num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, resolution=cfg.resolution,
         max_prompts=cfg.eval_max_prompts, baseline_cache=cfg.eval_baseline_cache,
         num_frames=cfg.num_frames, fps=cfg.fps,  # video models: as many frames as the training videos
+        processes=processes,
     )

@@ -81,6 +81,13 @@ def brightness(images, prompts):
     return images.mean(dim=(1, 2, 3))
 
 
+def brightness_noting_the_process(images, prompts):
+    """`brightness`, and a line naming this process's rank in $SCORED_BY (which processes scored)."""
+    with open(os.environ["SCORED_BY"], "a") as log:
+        log.write(f"{os.environ.get('RANK', '0')}\n")
+    return brightness(images, prompts)
+
+
 # Reward backbones with the original key layouts, scaled down.
 # open_clip CLIP with HPSv2's key naming (ViT-H-14 scaled down); 224 px so the real
 # preprocessing sizes are exercised, patch 32 so the vision tower stays tiny.
@@ -123,10 +130,11 @@ def cli_command(flags: list[str], processes: int = 1) -> list[str]:
             str(REPO / "configs/accelerate/cpu2.yaml"), "-m", "diffalign.cli", *flags]
 
 
-def run_cli(cmd: list[str], timeout: int = 280) -> str:
+def run_cli(cmd: list[str], timeout: int = 280, env: dict | None = None) -> str:
     """Run a command with one torch thread in every process (so one and two processes compute
-    with the same kernels) and tests/ importable (`--reward helpers:brightness`); its stdout."""
-    env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1"}
+    with the same kernels), tests/ importable (`--reward helpers:brightness`) and `env` added;
+    its stdout."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout

@@ -14,6 +14,7 @@ from diffalign.cli import main
 from diffalign.config import TrainConfig
 from diffalign.errors import DiffalignError
 from diffalign.train import train
+from helpers import cli_command, run_cli
 
 
 def cfg_for(model, data, out, **kw):
@@ -161,17 +162,28 @@ def test_a_non_finite_loss_found_at_a_later_check_keeps_the_last_checkpoint(tiny
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tiny_sd_dir, pairs_parquet, tmp_path):
-    """Two processes (gloo on the CPU), batch 1 each == one process with batch 2."""
+    """Two processes (gloo on the CPU), batch 1 each == one process with batch 2; the two share
+    the final evaluation and write what `diffalign eval` writes in one process."""
     one = tmp_path / "one"
     train(cfg_for(tiny_sd_dir, pairs_parquet, one, max_steps=2, batch_size=2))
     two = tmp_path / "two"
-    repo = Path(__file__).resolve().parents[2]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(repo / "configs/accelerate/cpu2.yaml"),
-           "-m", "diffalign.cli", "train", "--model", tiny_sd_dir, "--dataset", pairs_parquet, "--output-dir", str(two),
-           "--max-steps", "2", "--batch-size", "1", "--resolution", "32", "--lr", "1e-3", "--lora-rank", "4",
-           "--checkpoint-every", "0"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\na green ring\n")
+    sampling = ["--num-inference-steps", "2", "--resolution", "32"]
+    scored_by = tmp_path / "scored-by.txt"
+    run_cli(cli_command(["train", "--model", tiny_sd_dir, "--dataset", pairs_parquet, "--output-dir", str(two),
+                         "--max-steps", "2", "--batch-size", "1", "--lr", "1e-3", "--lora-rank", "4",
+                         "--checkpoint-every", "0", "--eval-prompts", str(prompts), "--eval-rewards",
+                         "helpers:brightness_noting_the_process", "--eval-num-images", "3", "--no-eval-baseline-cache",
+                         *sampling], 2), env={"SCORED_BY": str(scored_by)})
+    assert set(scored_by.read_text().split()) == {"0", "1"}  # 9 images a model in batches of 8: one each
+    run_cli(cli_command(["eval", "--model", tiny_sd_dir, "--lora", str(two), "--prompts", str(prompts), "--reward",
+                         "helpers:brightness_noting_the_process", "--num-images", "3", "--seed", "0",
+                         "--no-baseline-cache", "--output-dir", str(tmp_path / "eval-one"),
+                         *sampling]), env={"SCORED_BY": str(tmp_path / "scored-alone.txt")})
+    shared, alone = (json.loads((d / "eval.json").read_text()) for d in (two / "eval", tmp_path / "eval-one"))
+    assert shared["num_images"] == 9 and shared["rewards"] == alone["rewards"]
+    assert (two / "eval" / "scores.jsonl").read_text() == (tmp_path / "eval-one" / "scores.jsonl").read_text()
     # Same groups, noise and timesteps on both sides: the errors agree to float rounding (the
     # gradient all-reduce sums in another order); beta = 5000 magnifies that rounding in the loss.
     for key, tol in (("model_err_w", 1e-5), ("model_err_l", 1e-5), ("loss", 1e-3)):
