@@ -179,6 +179,21 @@ def placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
     return weight.device, weight.dtype
 
 
+class DenoiserPlacement:
+    """An adapter's `device` and `dtype`: its denoiser's first weight's (`placement`), read live so
+    that inputs follow a later cast (full fine-tuning in fp32)."""
+
+    denoiser: nn.Module
+
+    @property
+    def device(self) -> torch.device:
+        return placement(self.denoiser)[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return placement(self.denoiser)[1]
+
+
 def vae_encode(vae: nn.Module, pixels: Tensor) -> Tensor:
     """(N, 3, H, W) in [-1, 1] -> scaled latents. Uses the posterior mean, so a latent cache is
     deterministic (the SD-family posterior std is ~1e-3 of the mean's scale)."""

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from diffalign.errors import DiffalignError
-from diffalign.models import cond_to, vae_decode, vae_encode, vae_scale_factor
+from diffalign.models import DenoiserPlacement, cond_to, vae_decode, vae_encode, vae_scale_factor
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -64,7 +64,7 @@ def image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tenso
     return ids.reshape(-1, 3).to(device, dtype)
 
 
-class FluxAdapter:
+class FluxAdapter(DenoiserPlacement):
     family = "flux"
     prediction_type = "flow"
     one_step_image_is_x0 = False
@@ -85,20 +85,6 @@ class FluxAdapter:
         self.max_sequence_length = max_sequence_length
         self.guidance_scale = guidance_scale
         self.vae_scale_factor = vae_scale_factor(pipe.vae)
-
-    # Copied from diffalign.models.sd.SDAdapter.device
-    @property
-    def device(self) -> torch.device:
-        """The denoiser's first weight's device (diffusers' `ModelMixin.device` walks every
-        submodule for offloading hooks: a millisecond a call, several calls a training step)."""
-        return next(self.denoiser.parameters()).device
-
-    # Copied from diffalign.models.sd.SDAdapter.dtype
-    @property
-    def dtype(self) -> torch.dtype:
-        """The denoiser's weight dtype, read live: inputs follow a later cast (full fine-tuning in fp32).
-        The first weight's, as diffusers' `ModelMixin.dtype` finds it, without its walk over every submodule."""
-        return next(self.denoiser.parameters()).dtype
 
     # ------------------------------------------------------------------ training
 

@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from diffalign.models import cond_to, ddpm_schedule, vae_decode, vae_encode, vae_scale_factor
+from diffalign.models import (
+    DenoiserPlacement, cond_to, ddpm_schedule, vae_decode, vae_encode, vae_scale_factor,
+)
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -37,7 +39,7 @@ TINY_VARIANTS = {
 }
 
 
-class PixArtAdapter:
+class PixArtAdapter(DenoiserPlacement):
     family = "pixart"
 
     def __init__(self, pipe, *, max_sequence_length: int | None = None) -> None:
@@ -52,20 +54,6 @@ class PixArtAdapter:
         self.one_step_image_is_x0 = is_alpha
         # The pipelines clean captions only when both libraries import (and warn otherwise).
         self.clean_caption = is_bs4_available() and is_ftfy_available()
-
-    # Copied from diffalign.models.sd.SDAdapter.device
-    @property
-    def device(self) -> torch.device:
-        """The denoiser's first weight's device (diffusers' `ModelMixin.device` walks every
-        submodule for offloading hooks: a millisecond a call, several calls a training step)."""
-        return next(self.denoiser.parameters()).device
-
-    # Copied from diffalign.models.sd.SDAdapter.dtype
-    @property
-    def dtype(self) -> torch.dtype:
-        """The denoiser's weight dtype, read live: inputs follow a later cast (full fine-tuning in fp32).
-        The first weight's, as diffusers' `ModelMixin.dtype` finds it, without its walk over every submodule."""
-        return next(self.denoiser.parameters()).dtype
 
     # ------------------------------------------------------------------ training
 

@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from diffalign.models import cond_to, ddpm_schedule, uses_unconditional_branch, vae_decode, vae_encode, vae_scale_factor
+from diffalign.models import (
+    DenoiserPlacement, cond_to, ddpm_schedule, uses_unconditional_branch, vae_decode, vae_encode, vae_scale_factor,
+)
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -26,7 +28,7 @@ TINY_RESOLUTION = 32  # pixels; the tiny VAE halves them
 TINY_VARIANTS = {"sd-eps": {}, "sd-v": {"prediction_type": "v_prediction"}}
 
 
-class SDAdapter:
+class SDAdapter(DenoiserPlacement):
     family = "sd"
     one_step_image_is_x0 = False
 
@@ -35,18 +37,6 @@ class SDAdapter:
         self.denoiser = pipe.unet
         self.prediction_type, self.num_train_timesteps, self.alphas_cumprod = ddpm_schedule(pipe)
         self.vae_scale_factor = vae_scale_factor(pipe.vae)
-
-    @property
-    def device(self) -> torch.device:
-        """The denoiser's first weight's device (diffusers' `ModelMixin.device` walks every
-        submodule for offloading hooks: a millisecond a call, several calls a training step)."""
-        return next(self.denoiser.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The denoiser's weight dtype, read live: inputs follow a later cast (full fine-tuning in fp32).
-        The first weight's, as diffusers' `ModelMixin.dtype` finds it, without its walk over every submodule."""
-        return next(self.denoiser.parameters()).dtype
 
     # ------------------------------------------------------------------ training
 

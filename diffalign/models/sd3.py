@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from diffalign.models import cond_to, vae_decode, vae_encode, vae_scale_factor
+from diffalign.models import DenoiserPlacement, cond_to, vae_decode, vae_encode, vae_scale_factor
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -37,7 +37,7 @@ TINY_RESOLUTION = 32
 TINY_VARIANTS = {"sd3": {}, "sd3-no-t5": {"with_t5": False}}
 
 
-class SD3Adapter:
+class SD3Adapter(DenoiserPlacement):
     family = "sd3"
     prediction_type = "flow"
     one_step_image_is_x0 = False
@@ -49,20 +49,6 @@ class SD3Adapter:
         self.logit_mean, self.logit_std = logit_mean, logit_std  # the training sigma draw (diffalign.elbo)
         self.max_sequence_length = max_sequence_length
         self.vae_scale_factor = vae_scale_factor(pipe.vae)
-
-    # Copied from diffalign.models.sd.SDAdapter.device
-    @property
-    def device(self) -> torch.device:
-        """The denoiser's first weight's device (diffusers' `ModelMixin.device` walks every
-        submodule for offloading hooks: a millisecond a call, several calls a training step)."""
-        return next(self.denoiser.parameters()).device
-
-    # Copied from diffalign.models.sd.SDAdapter.dtype
-    @property
-    def dtype(self) -> torch.dtype:
-        """The denoiser's weight dtype, read live: inputs follow a later cast (full fine-tuning in fp32).
-        The first weight's, as diffusers' `ModelMixin.dtype` finds it, without its walk over every submodule."""
-        return next(self.denoiser.parameters()).dtype
 
     # ------------------------------------------------------------------ training
 

@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from diffalign.models import cond_to, ddpm_schedule, uses_unconditional_branch, vae_decode, vae_encode, vae_scale_factor
+from diffalign.models import (
+    DenoiserPlacement, cond_to, ddpm_schedule, uses_unconditional_branch, vae_decode, vae_encode, vae_scale_factor,
+)
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -32,7 +34,7 @@ TINY_RESOLUTION = 32
 TINY_VARIANTS = {"sdxl": {}}
 
 
-class SDXLAdapter:
+class SDXLAdapter(DenoiserPlacement):
     family = "sdxl"
     one_step_image_is_x0 = False
 
@@ -41,20 +43,6 @@ class SDXLAdapter:
         self.denoiser = pipe.unet
         self.prediction_type, self.num_train_timesteps, self.alphas_cumprod = ddpm_schedule(pipe)
         self.vae_scale_factor = vae_scale_factor(pipe.vae)
-
-    # Copied from diffalign.models.sd.SDAdapter.device
-    @property
-    def device(self) -> torch.device:
-        """The denoiser's first weight's device (diffusers' `ModelMixin.device` walks every
-        submodule for offloading hooks: a millisecond a call, several calls a training step)."""
-        return next(self.denoiser.parameters()).device
-
-    # Copied from diffalign.models.sd.SDAdapter.dtype
-    @property
-    def dtype(self) -> torch.dtype:
-        """The denoiser's weight dtype, read live: inputs follow a later cast (full fine-tuning in fp32).
-        The first weight's, as diffusers' `ModelMixin.dtype` finds it, without its walk over every submodule."""
-        return next(self.denoiser.parameters()).dtype
 
     # ------------------------------------------------------------------ training
 

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from diffalign.errors import DiffalignError
-from diffalign.models import cond_to, placement
+from diffalign.models import DenoiserPlacement, cond_to, placement
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -115,7 +115,7 @@ class WanExperts(torch.nn.Module):
         self.low.enable_xformers_memory_efficient_attention()
 
 
-class WanAdapter:
+class WanAdapter(DenoiserPlacement):
     family = "wan"
     prediction_type = "flow"
     one_step_image_is_x0 = False
@@ -162,20 +162,6 @@ class WanAdapter:
     @property
     def boundary_timestep(self) -> float | None:
         return None if self.boundary_ratio is None else self.boundary_ratio * self.num_train_timesteps
-
-    # Copied from diffalign.models.sd.SDAdapter.device
-    @property
-    def device(self) -> torch.device:
-        """The denoiser's first weight's device (diffusers' `ModelMixin.device` walks every
-        submodule for offloading hooks: a millisecond a call, several calls a training step)."""
-        return next(self.denoiser.parameters()).device
-
-    # Copied from diffalign.models.sd.SDAdapter.dtype
-    @property
-    def dtype(self) -> torch.dtype:
-        """The denoiser's weight dtype, read live: inputs follow a later cast (full fine-tuning in fp32).
-        The first weight's, as diffusers' `ModelMixin.dtype` finds it, without its walk over every submodule."""
-        return next(self.denoiser.parameters()).dtype
 
     # ------------------------------------------------------------------ training
 
