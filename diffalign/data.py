@@ -597,8 +597,12 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[int, _Group]]:
 
 
 def _jsonl_map(cfg: DataConfig, pairwise: bool, drop_ties: bool) -> GroupDataset:
-    path = Path(cfg.dataset)
-    groups = [g for _, g in _jsonl_lines(path)]
+    return groups_dataset([g for _, g in _jsonl_lines(Path(cfg.dataset))], cfg, pairwise, drop_ties)
+
+
+def groups_dataset(groups: list, cfg: DataConfig, pairwise: bool, drop_ties: bool) -> GroupDataset:
+    """A map-style dataset over groups read whole (a JSONL file, a video CSV): the groups that
+    give an order to train on, the first `max_samples` of them."""
     keep = []
     for i, g in enumerate(groups):
         order = select_order(g.scores, pairwise=pairwise, drop_ties=drop_ties, group_size=cfg.group_size, where=g.where)

@@ -201,18 +201,11 @@ def read_csv_groups(path: str | Path, label: str = "overall") -> list:
 
 def csv_dataset(cfg, pairwise: bool, drop_ties: bool):
     """A map-style diffalign.data.GroupDataset over a VideoAlign CSV."""
-    from diffalign.data import GroupDataset, _check_not_empty, select_order
+    from diffalign.data import groups_dataset
 
     if cfg.streaming:
         raise DiffalignError("a video CSV is read whole (it holds paths, not videos): unset --streaming")
-    groups = read_csv_groups(cfg.dataset, cfg.video_label)
-    keep = []
-    for i, g in enumerate(groups):
-        order = select_order(g.scores, pairwise=pairwise, drop_ties=drop_ties, group_size=cfg.group_size, where=g.where)
-        if order is not None:
-            keep.append((i, order))
-    _check_not_empty(keep, cfg, len(groups))
-    return GroupDataset(groups.__getitem__, keep[: cfg.max_samples], cfg)
+    return groups_dataset(read_csv_groups(cfg.dataset, cfg.video_label), cfg, pairwise, drop_ties)
 
 
 # ----------------------------------------------------------------------------------------------
