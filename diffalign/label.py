@@ -351,30 +351,17 @@ def write_video_sample_sheet(out: Path, rows: list[dict[str, Any]], cfg: LabelCo
     from diffalign.plots import Tile, gif_bytes, image_sheet
     from diffalign.rewards.videoreward import decode_video
 
-    shown = rows[:SAMPLE_PROMPTS]
+    shown, titles = sample_rows(rows, cfg)
     if not shown:
         return None
-    k = min(SAMPLE_IMAGES, max(len(row["images"]) for row in shown))
     frames = {file: np.stack([f.to_ndarray(format="rgb24") for f in decode_video(out / file)[0]])
-              for row in shown for file in row["images"][:k]}
+              for row in shown for file, _, _ in row}
     length = min(len(v) for v in frames.values())
-    sheets = []
-    for t in range(length):
-        sheet, titles = [], []
-        for row in shown:
-            pairs = select_pairs(row.get("weighted_scores", row["scores"]), cfg.pairs, cfg.margin)
-            chosen, rejected = {w for w, _ in pairs}, {l for _, l in pairs}
-            tiles = []
-            for i, file in enumerate(row["images"][:k]):
-                mark = "chosen" if i in chosen else "rejected" if i in rejected else None
-                caption = [f"{name} {values[i]:.3f}" for name, values in row["rewards"].items()]
-                caption.append(f"rank {row['ranks'][i]}, psi {row['scores'][i]:.2f}")
-                tiles.append(Tile(frames[file][t], caption, mark))
-            sheet.append(tiles)
-            titles.append(f"{row['index'] + 1}. {row['prompt']} ({len(pairs)} pair{'s' * (len(pairs) != 1)})")
-        sheets.append(image_sheet(sheet, row_titles=titles, tile=128, title=(
-            f"samples: {len(shown)} of {len(rows)} prompts, videos best first (--rank-by {cfg.rank_by}); "
-            f"--pairs {cfg.pairs}: chosen framed green, rejected red")))
+    title = (f"samples: {len(shown)} of {len(rows)} prompts, videos best first (--rank-by {cfg.rank_by}); "
+             f"--pairs {cfg.pairs}: chosen framed green, rejected red")
+    sheets = [image_sheet([[Tile(frames[file][t], caption, mark) for file, caption, mark in row] for row in shown],
+                          row_titles=titles, tile=128, title=title)
+              for t in range(length)]
     return atomic_write_bytes(out / "samples.gif", gif_bytes(sheets, cfg.fps))
 
 
@@ -423,26 +410,36 @@ def write_sample_sheet(out: Path, rows: list[dict[str, Any]], cfg: LabelConfig) 
     and the rejected one red, so a person can check the labels by eye."""
     from diffalign.plots import Tile, save_image_sheet
 
-    shown = rows[:SAMPLE_PROMPTS]
+    shown, titles = sample_rows(rows, cfg)
     if not shown:
         return None
-    k = min(SAMPLE_IMAGES, max(len(row["images"]) for row in shown))
-    sheet, titles = [], []
+    sheet = [[Tile(out / file, caption, mark) for file, caption, mark in row] for row in shown]
+    title = (f"samples: {len(shown)} of {len(rows)} prompts, images best first (--rank-by {cfg.rank_by}); "
+             f"--pairs {cfg.pairs}: chosen framed green, rejected red")
+    return save_image_sheet(out / "samples.png", sheet, what="the sample sheet", row_titles=titles, title=title)
+
+
+def sample_rows(rows: list[dict[str, Any]], cfg: LabelConfig) -> tuple[list[list[tuple]], list[str]]:
+    """The sample sheet's content: for the first SAMPLE_PROMPTS rows, (file, caption, mark) of
+    their first SAMPLE_IMAGES images (every reward's score, the rank score psi; an image chosen in
+    one pair and rejected in another is marked neither, and its caption says both), and a title a
+    row."""
+    shown = rows[:SAMPLE_PROMPTS]
+    k = min(SAMPLE_IMAGES, max((len(row["images"]) for row in shown), default=0))
+    tiles, titles = [], []
     for row in shown:
         pairs = select_pairs(row.get("weighted_scores", row["scores"]), cfg.pairs, cfg.margin)
         chosen, rejected = {w for w, _ in pairs}, {l for _, l in pairs}
-        tiles = []
+        row_tiles = []
         for i, file in enumerate(row["images"][:k]):
             mark = "chosen" if i in chosen and i not in rejected else "rejected" if i in rejected and i not in chosen else None
             caption = [f"{name} {values[i]:.3f}" for name, values in row["rewards"].items()]
             caption.append(f"rank {row['ranks'][i]}, psi {row['scores'][i]:.2f}"
                            + {"chosen": "  chosen", "rejected": "  rejected"}.get(mark, "  chosen+rejected" if i in chosen else ""))
-            tiles.append(Tile(out / file, caption, mark))
-        sheet.append(tiles)
+            row_tiles.append((file, caption, mark))
+        tiles.append(row_tiles)
         titles.append(f"{row['index'] + 1}. {row['prompt']} ({len(pairs)} pair{'s' * (len(pairs) != 1)})")
-    title = (f"samples: {len(shown)} of {len(rows)} prompts, images best first (--rank-by {cfg.rank_by}); "
-             f"--pairs {cfg.pairs}: chosen framed green, rejected red")
-    return save_image_sheet(out / "samples.png", sheet, what="the sample sheet", row_titles=titles, title=title)
+    return tiles, titles
 
 
 def write_pairs(out: Path, records: list[dict[str, Any]]) -> Path:
