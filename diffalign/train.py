@@ -321,6 +321,14 @@ def make_accelerator(cfg: TrainConfig, out: Path):
         project_dir=str(out),
     )
     set_seed(cfg.seed)
+    if accelerator.num_processes > 1:
+        # All processes leave the group together: one that exits while another still writes its
+        # files takes gloo's threads down with it ("terminate called without an active exception").
+        import atexit
+
+        from diffalign.processes import close_process_group
+
+        atexit.register(close_process_group)
     if cfg.report_to != "none":
         scalars = {k: v for k, v in asdict(cfg).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("diffalign", config=scalars)
